@@ -1,0 +1,170 @@
+"""The ``unlockd`` command line: parses flags and hands each subcommand to its module."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import sys
+from typing import TYPE_CHECKING
+
+from unlockd import __version__
+from unlockd.errors import InvalidInputError, UnlockdError
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping, Sequence
+
+__all__ = ["main", "read_password"]
+
+
+def read_password(environ: Mapping[str, str] | None = None, prompt: str = "Password: ") -> str:
+    """Return the password from ``UNLOCKD_PASSWORD`` or, on a terminal, a prompt."""
+    environ = os.environ if environ is None else environ
+    if password := environ.get("UNLOCKD_PASSWORD"):
+        return password
+    if not sys.stdin.isatty():
+        msg = "no password: set UNLOCKD_PASSWORD or run on a terminal"
+        raise InvalidInputError(msg)
+    password = getpass.getpass(prompt)
+    if not password:
+        msg = "empty password"
+        raise InvalidInputError(msg)
+    return password
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from unlockd.server import serve_command  # noqa: PLC0415
+
+    return serve_command(args)
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from unlockd.server import dev_command  # noqa: PLC0415
+
+    return dev_command(args)
+
+
+def _hub(args: argparse.Namespace) -> int:
+    from unlockd.hub.commands import add_user_command, hub_command  # noqa: PLC0415
+
+    return add_user_command(args) if args.hub_command == "add-user" else hub_command(args)
+
+
+def _seal(args: argparse.Namespace) -> int:
+    from unlockd.seal import seal_command  # noqa: PLC0415
+
+    return seal_command(args)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from unlockd.filecrypt import keygen_command  # noqa: PLC0415
+
+    return keygen_command(args)
+
+
+def _encrypt(args: argparse.Namespace) -> int:
+    from unlockd.filecrypt import encrypt_command  # noqa: PLC0415
+
+    return encrypt_command(args)
+
+
+def _decrypt(args: argparse.Namespace) -> int:
+    from unlockd.filecrypt import decrypt_command  # noqa: PLC0415
+
+    return decrypt_command(args)
+
+
+def _add_hub_serve_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", help="bind address (UNLOCKD_HUB_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="bind port (UNLOCKD_HUB_PORT, default 8700)")
+    p.add_argument("--data-dir", help="SQLite database and blobs (UNLOCKD_HUB_DATA_DIR)")
+    p.add_argument(
+        "--token-ttl", type=int, help="token lifetime in seconds (UNLOCKD_HUB_TOKEN_TTL, 3600)"
+    )
+    p.add_argument(
+        "--upload-ttl",
+        type=int,
+        help="seconds an unpublished upload is kept (UNLOCKD_HUB_UPLOAD_TTL, 3600)",
+    )
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unlockd",
+        description="Edge sidecar: streams encrypted models decrypted over local HTTP, "
+        "encrypts uploads, and unlocks encrypted Docker image archives.",
+    )
+    parser.add_argument("--version", action="version", version=f"unlockd {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser("serve", help="run the sidecar (default 127.0.0.1:8600)")
+    p.add_argument("--host", help="bind address (UNLOCKD_HOST, default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="bind port (UNLOCKD_PORT, default 8600)")
+    p.add_argument("--upstream", help="upstream API URL (UNLOCKD_UPSTREAM_URL)")
+    p.add_argument("--cdn", help="replaces scheme://host:port of big-part URLs (UNLOCKD_CDN_URL)")
+    p.add_argument("--cache-dir", help="model cache directory (UNLOCKD_CACHE_DIR)")
+    p.add_argument("--archive", help="encrypted image archive to unlock (UNLOCKD_ARCHIVE)")
+    p.add_argument(
+        "--archive-key-id", help="upstream key id of the archive (UNLOCKD_ARCHIVE_KEY_ID, images)"
+    )
+    p.add_argument(
+        "--api-token", help="require 'Authorization: Bearer TOKEN' locally (UNLOCKD_API_TOKEN)"
+    )
+    p.set_defaults(func=_serve)
+
+    p = sub.add_parser("hub", help="run the reference upstream (default 127.0.0.1:8700)")
+    _add_hub_serve_flags(p)
+    hub_sub = p.add_subparsers(dest="hub_command", metavar="SUBCOMMAND")
+    add_user = hub_sub.add_parser(
+        "add-user", help="create or update an account (password from UNLOCKD_PASSWORD or prompt)"
+    )
+    add_user.add_argument("--data-dir", required=True, help="the hub's data directory")
+    add_user.add_argument("--email", required=True)
+    add_user.add_argument("--role", choices=["reader", "publisher"], default="reader")
+    p.set_defaults(func=_hub)
+
+    p = sub.add_parser(
+        "seal",
+        help="encrypt a docker-save archive (or local images) and register its key at the hub",
+    )
+    p.add_argument("input", nargs="?", help="a 'docker save' tar, or - for stdin")
+    p.add_argument("output", help="where to write the encrypted archive")
+    p.add_argument(
+        "--image", action="append", default=[], metavar="NAME:TAG", help="export from the engine"
+    )
+    p.add_argument("--key-id", required=True, help="register the archive key under this id")
+    p.add_argument("--upstream", required=True, help="the hub's URL")
+    p.add_argument(
+        "--email", required=True, help="a publisher account (password: UNLOCKD_PASSWORD)"
+    )
+    p.set_defaults(func=_seal)
+
+    p = sub.add_parser("keygen", help="write a new random key (base64) to OUTPUT or stdout")
+    p.add_argument("output", nargs="?", help="key file to create (mode 0600); stdout by default")
+    p.set_defaults(func=_keygen)
+
+    for name, func, verb in (("encrypt", _encrypt, "encrypt"), ("decrypt", _decrypt, "decrypt")):
+        p = sub.add_parser(name, help=f"{verb} a stream in Tink's AES-GCM-HKDF streaming format")
+        p.add_argument("--key-file", required=True, help="base64 of a 32-byte key")
+        p.add_argument("--aad", default="", help="associated data (UTF-8 text)")
+        p.add_argument("input", nargs="?", default="-", help="input file, - for stdin (default)")
+        p.add_argument("output", nargs="?", default="-", help="output file, - for stdout (default)")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser(
+        "dev", help="hub + sidecar on loopback with a demo account, data in ./.unlockd-dev"
+    )
+    p.set_defaults(func=_dev)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status."""
+    args = _build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except UnlockdError as exc:
+        print(f"unlockd {args.command}: {exc.message}", file=sys.stderr)  # noqa: T201
+        return 1
+    except KeyboardInterrupt:
+        return 130
