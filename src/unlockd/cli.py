@@ -77,7 +77,11 @@ def _decrypt(args: argparse.Namespace) -> int:
 def _add_hub_serve_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", help="bind address (UNLOCKD_HUB_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="bind port (UNLOCKD_HUB_PORT, default 8700)")
-    p.add_argument("--data-dir", help="SQLite database and blobs (UNLOCKD_HUB_DATA_DIR)")
+    p.add_argument(
+        "--data-dir",
+        help="SQLite database and blobs (UNLOCKD_HUB_DATA_DIR, default "
+        "$XDG_DATA_HOME/unlockd/hub, i.e. ~/.local/share/unlockd/hub)",
+    )
     p.add_argument(
         "--token-ttl", type=int, help="token lifetime in seconds (UNLOCKD_HUB_TOKEN_TTL, 3600)"
     )

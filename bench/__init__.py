@@ -1,0 +1,1 @@
+"""Benchmarks of unlockd (``python -m bench [NAME ...]``, ``make bench``)."""

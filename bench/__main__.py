@@ -1,0 +1,43 @@
+"""Run benchmarks: ``python -m bench [NAME [ARGS...]]``; every ``bench/<name>.py`` when none.
+
+Each benchmark is a module ``bench/<name>.py`` with ``main(argv: list[str]) -> int``.
+``python -m bench crypto sidecar`` runs those two; ``python -m bench crypto -- --flag`` passes
+the arguments after ``--`` to each named benchmark. ``BENCH_GIB`` scales the data sizes.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+import sys
+from pathlib import Path
+
+
+def _known() -> list[str]:
+    here = Path(__file__).parent
+    return sorted(m.name for m in pkgutil.iter_modules([str(here)]) if not m.name.startswith("_"))
+
+
+def main(argv: list[str]) -> int:
+    """Run the named benchmarks (all when none); return the worst exit status."""
+    names, rest = argv, []
+    if "--" in argv:
+        split = argv.index("--")
+        names, rest = argv[:split], argv[split + 1 :]
+    known = _known()
+    if unknown := [name for name in names if name not in known]:
+        print(
+            f"unknown benchmark(s): {', '.join(unknown)}; known: {', '.join(known)}",
+            file=sys.stderr,
+        )
+        return 2
+    status = 0
+    for name in names or known:
+        module = importlib.import_module(f"bench.{name}")
+        print(f"== {name}", flush=True)
+        status = max(status, int(module.main(list(rest))))
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,293 @@
+"""`python -m bench unlock`: unlock of a sealed image archive vs `docker load -i` of its plaintext.
+
+Builds a ``docker save`` archive of ``BENCH_GIB`` GiB (default 1) of random data in a few layers,
+seals it with ``unlockd seal`` against a real hub, then, on the same engine in the same run and
+with the images removed between runs, times ``docker load -i plain.tar`` and ``POST /unlock`` of
+the sealed archive through a real ``unlockd serve`` (polling ``/unlock/status``). Reports the
+ratio (target <= 1.3) and the sidecar's peak RSS (VmHWM). Uses the engine at ``DOCKER_HOST``, or
+starts a private one with ``.ci/dockerd`` when none answers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+
+if TYPE_CHECKING:
+    from collections.abc import Iterator
+
+GIB = 1 << 30
+ROOT = Path(__file__).resolve().parent.parent
+PUBLISHER = ("bench-publisher@example.com", "bench-publisher-password")
+READER = ("bench-reader@example.com", "bench-reader-password")
+
+
+class _Random:
+    """A file-like source of ``size`` random bytes, for tarfile.addfile."""
+
+    def __init__(self, size: int) -> None:
+        self.left = size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        self.left -= n
+        return os.urandom(n)
+
+
+def build_archive(path: Path, tag: str, size: int, layers: int) -> None:
+    """Write a `docker save` archive of one image with ``layers`` random layers to ``path``."""
+    work = path.parent
+    entries = []
+    for i in range(layers):
+        layer = work / f"layer{i}.tar"
+        with tarfile.open(layer, "w", format=tarfile.USTAR_FORMAT) as tar:
+            info = tarfile.TarInfo(f"data/blob{i}.bin")
+            info.size = size // layers
+            info.mtime = int(time.time())
+            tar.addfile(info, _Random(info.size))  # type: ignore[arg-type]
+        with layer.open("rb") as f:
+            entries.append((layer, hashlib.file_digest(f, "sha256").hexdigest()))
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [f"sha256:{d}" for _, d in entries]},
+            "history": [{"created_by": "unlockd bench"} for _ in entries],
+        }
+    ).encode()
+    config_name = f"{hashlib.sha256(config).hexdigest()}.json"
+    manifest = json.dumps(
+        [
+            {
+                "Config": config_name,
+                "RepoTags": [tag],
+                "Layers": [f"{d}/layer.tar" for _, d in entries],
+            }
+        ]
+    ).encode()
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for layer, digest in entries:
+            tar.add(layer, arcname=f"{digest}/layer.tar")
+            layer.unlink()
+        for name, data in ((config_name, config), ("manifest.json", manifest)):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, _Bytes(data))  # type: ignore[arg-type]
+
+
+class _Bytes:
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def read(self, n: int = -1) -> bytes:
+        out, self.data = (self.data, b"") if n < 0 else (self.data[:n], self.data[n:])
+        return out
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _engine_ok(host: str) -> bool:
+    result = subprocess.run(
+        ["docker", "version", "--format", "{{.Server.Version}}"],
+        env={**os.environ, "DOCKER_HOST": host},
+        capture_output=True,
+        check=False,
+    )
+    return result.returncode == 0
+
+
+@contextlib.contextmanager
+def _engine() -> Iterator[str]:
+    host = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    if _engine_ok(host):
+        yield host
+        return
+    out = subprocess.run(
+        [str(ROOT / ".ci" / "dockerd"), "start"], capture_output=True, text=True, check=True
+    ).stdout
+    env = dict(item.split("=", 1) for item in out.removeprefix("export ").split())
+    print(f"started a private dockerd at {env['DOCKER_HOST']}")
+    try:
+        yield env["DOCKER_HOST"]
+    finally:
+        subprocess.run(
+            [str(ROOT / ".ci" / "dockerd"), "stop", env["UNLOCKD_CI_DOCKER_DIR"]], check=False
+        )
+
+
+@contextlib.contextmanager
+def _process(args: list[str], env: dict[str, str], url: str) -> Iterator[subprocess.Popen[bytes]]:
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            if proc.poll() is not None or time.monotonic() > deadline:
+                stderr = proc.stderr.read().decode() if proc.stderr else ""
+                msg = f"{args[3]} did not start: {stderr}"
+                raise RuntimeError(msg)
+            time.sleep(0.05)
+        yield proc
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _unlockd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "unlockd", *args]
+
+
+def _rss(pid: int) -> dict[str, int]:
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in {"VmHWM", "VmRSS"}:
+            fields[key] = int(value.split()[0]) // 1024  # MiB
+    return fields
+
+
+def _remove(tag: str, env: dict[str, str]) -> None:
+    subprocess.run(["docker", "image", "rm", "-f", tag], env=env, capture_output=True, check=False)
+
+
+def _time_docker_load(plain: Path, tag: str, env: dict[str, str]) -> float:
+    os.sync()  # start each run with no writeback of the last one pending
+    t0 = time.perf_counter()
+    subprocess.run(["docker", "load", "-i", str(plain)], env=env, capture_output=True, check=True)
+    elapsed = time.perf_counter() - t0
+    _remove(tag, env)
+    return elapsed
+
+
+def _time_unlock(sidecar: str, tag: str, env: dict[str, str]) -> float:
+    os.sync()
+    with httpx.Client(base_url=sidecar, timeout=30) as client:
+        t0 = time.perf_counter()
+        response = client.post("/unlock", json={"email": READER[0], "password": READER[1]})
+        response.raise_for_status()
+        while (status := client.get("/unlock/status").json())["state"] not in {"ready", "error"}:
+            time.sleep(0.02)
+        elapsed = time.perf_counter() - t0
+    if status["state"] != "ready" or status["images"] != [tag]:
+        msg = f"unlock failed: {status}"
+        raise RuntimeError(msg)
+    _remove(tag, env)
+    return elapsed
+
+
+def main(argv: list[str]) -> int:
+    """Run the benchmark; return 0."""
+    parser = argparse.ArgumentParser(prog="python -m bench unlock")
+    parser.add_argument("--gib", type=float, default=float(os.environ.get("BENCH_GIB", "1")))
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args(argv)
+    size = int(args.gib * GIB)
+    tag = f"unlockd-bench/{uuid.uuid4().hex[:12]}:v1"
+    with tempfile.TemporaryDirectory(prefix="unlockd-bench-") as tmp, _engine() as docker_host:
+        work = Path(tmp)
+        env = {**os.environ, "DOCKER_HOST": docker_host}
+        plain, sealed = work / "plain.tar", work / "images.enc"
+        t0 = time.perf_counter()
+        build_archive(plain, tag, size, args.layers)
+        print(
+            f"archive: {plain.stat().st_size / GIB:.2f} GiB in {args.layers} layers, "
+            f"built in {time.perf_counter() - t0:.1f} s"
+        )
+        hub_dir = work / "hub"
+        for (email, password), role in ((PUBLISHER, "publisher"), (READER, "reader")):
+            subprocess.run(
+                _unlockd(
+                    "hub", "add-user", "--data-dir", str(hub_dir), "--email", email, "--role", role
+                ),
+                env={**env, "UNLOCKD_PASSWORD": password},
+                check=True,
+            )
+        hub_port, sidecar_port = _free_port(), _free_port()
+        hub_url, sidecar_url = f"http://127.0.0.1:{hub_port}", f"http://127.0.0.1:{sidecar_port}"
+        hub_args = _unlockd("hub", "--data-dir", str(hub_dir), "--port", str(hub_port))
+        with _process(hub_args, env, hub_url):
+            t0 = time.perf_counter()
+            seal_args = _unlockd(
+                "seal",
+                str(plain),
+                str(sealed),
+                "--key-id",
+                "images",
+                "--upstream",
+                hub_url,
+                "--email",
+                PUBLISHER[0],
+            )
+            subprocess.run(
+                seal_args,
+                env={**env, "UNLOCKD_PASSWORD": PUBLISHER[1]},
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
+            seal_s = time.perf_counter() - t0
+            print(
+                f"seal: {seal_s:.1f} s "
+                f"({plain.stat().st_size / GIB / seal_s:.2f} GiB/s, CLI incl. startup)"
+            )
+            serve_args = _unlockd(
+                "serve",
+                "--port",
+                str(sidecar_port),
+                "--upstream",
+                hub_url,
+                "--archive",
+                str(sealed),
+                "--cache-dir",
+                str(work / "cache"),
+            )
+            with _process(serve_args, env, sidecar_url) as sidecar:
+                idle = _rss(sidecar.pid)
+                _remove(tag, env)
+                loads, unlocks = [], []
+                for i in range(args.rounds):
+                    loads.append(_time_docker_load(plain, tag, env))
+                    unlocks.append(_time_unlock(sidecar_url, tag, env))
+                    print(
+                        f"round {i + 1}: docker load -i {loads[-1]:.2f} s, "
+                        f"unlock {unlocks[-1]:.2f} s"
+                    )
+                peak = _rss(sidecar.pid)
+        for what, f in (("best", min), ("median", statistics.median)):
+            load, unlock = f(loads), f(unlocks)
+            print(
+                f"{what} of {args.rounds}: docker load -i {load:.2f} s, unlock {unlock:.2f} s, "
+                f"ratio {unlock / load:.2f} (target <= 1.3)"
+            )
+        print(f"sidecar RSS: idle {idle['VmRSS']} MiB, peak (VmHWM) {peak['VmHWM']} MiB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,92 @@
+"""Small part / big part of a ciphertext: split a stream, map ranges, join them back.
+
+The small part is the first ``min(S, L)`` bytes of a ciphertext of ``L`` bytes and stays
+with the authenticated upstream API; the big part is the rest and lives on the CDN. Joining
+is concatenation, so a ciphertext range maps to at most one slice of each part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from unlockd.crypto_stream import HEADER_SIZE
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterable, AsyncIterator
+
+__all__ = ["DEFAULT_SMALL_SIZE", "PartRanges", "check_small_size", "join", "map_range", "split"]
+
+DEFAULT_SMALL_SIZE = 4096
+
+
+def check_small_size(small_size: int) -> int:
+    """Return ``small_size`` if the small part can hold at least the ciphertext header."""
+    if small_size < HEADER_SIZE:
+        msg = f"small part size must be at least {HEADER_SIZE} bytes, got {small_size}"
+        raise ValueError(msg)
+    return small_size
+
+
+async def split(
+    chunks: AsyncIterable[bytes], small_size: int = DEFAULT_SMALL_SIZE
+) -> tuple[bytes, AsyncIterator[bytes]]:
+    """Read the first ``small_size`` bytes of ``chunks``; return them and the rest as a stream.
+
+    The returned small part is shorter only when the whole stream is; the big-part stream
+    then yields nothing. It must be consumed (or closed) by the caller.
+    """
+    check_small_size(small_size)
+    iterator = aiter(chunks)
+    small = bytearray()
+    rest = b""
+    async for chunk in iterator:
+        need = small_size - len(small)
+        small += chunk[:need]
+        if len(chunk) >= need:
+            rest = chunk[need:]
+            break
+    return bytes(small), _chain(rest, iterator)
+
+
+async def _chain(first: bytes, iterator: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    try:
+        if first:
+            yield first
+        async for chunk in iterator:
+            if chunk:
+                yield chunk
+    finally:
+        # Close the source with us, so an abandoned upload lets go of the client's body.
+        if isinstance(iterator, AsyncGenerator):
+            await iterator.aclose()
+
+
+@dataclass(frozen=True, slots=True)
+class PartRanges:
+    """Where a ciphertext range ``[start, end)`` lies in the small and the big part."""
+
+    small: tuple[int, int] | None  # slice of the small part, or None
+    big: tuple[int, int] | None  # offsets in the big part, or None
+
+
+def map_range(start: int, end: int, small_size: int) -> PartRanges:
+    """Map the ciphertext range ``[start, end)`` onto the parts (``small_size`` = len(small))."""
+    if not 0 <= start <= end:
+        msg = f"invalid range [{start}, {end})"
+        raise ValueError(msg)
+    small = (start, min(end, small_size)) if start < small_size and start < end else None
+    big_start = max(start, small_size) - small_size
+    big_end = end - small_size
+    big = (big_start, big_end) if big_end > big_start else None
+    return PartRanges(small=small, big=big)
+
+
+async def join(small: bytes, big: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+    """Yield the ciphertext: the small part, then every chunk of the big part."""
+    if small:
+        yield small
+    async for chunk in big:
+        if chunk:
+            yield chunk

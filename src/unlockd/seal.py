@@ -1,0 +1,239 @@
+"""``unlockd seal``: encrypt a ``docker save`` archive and register its key at the hub."""
+
+from __future__ import annotations
+
+import base64
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+import httpx
+
+from unlockd.crypto_stream import encrypt_stream, generate_key
+from unlockd.docker import DockerLoader
+from unlockd.errors import (
+    CredentialsRejectedError,
+    ForbiddenError,
+    InvalidInputError,
+    UnlockdError,
+    UpstreamError,
+)
+from unlockd.models import validate_name
+from unlockd.progress import Progress
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import AsyncIterator, Callable
+
+__all__ = ["SealSource", "seal", "seal_command"]
+
+CHUNK_SIZE = 1 << 20
+
+
+@dataclass(frozen=True, slots=True)
+class SealSource:
+    """Where the plaintext archive comes from: a file, stdin (``-``), or engine images."""
+
+    path: str | None = None
+    images: tuple[str, ...] = ()
+    docker_host: str | None = None
+
+    @classmethod
+    def parse(cls, path: str | None, images: list[str]) -> SealSource:
+        """Validate the command line's choice of input; raise InvalidInputError."""
+        if path is not None and images:
+            msg = "give either INPUT or --image, not both"
+            raise InvalidInputError(msg)
+        if path is None and not images:
+            msg = "no input: give a 'docker save' tar file, - for stdin, or --image NAME:TAG"
+            raise InvalidInputError(msg)
+        if path is not None and path != "-" and not Path(path).is_file():
+            msg = f"input {path!r} is not a file"
+            raise InvalidInputError(msg)
+        return cls(path=path, images=tuple(images))
+
+    async def size(self) -> int | None:
+        """The plaintext size if known in advance (files only)."""
+        if self.path is None or self.path == "-":
+            return None
+        return (await anyio.Path(self.path).stat()).st_size
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Yield the plaintext archive."""
+        if self.images:
+            loader = DockerLoader(self.docker_host)
+            try:
+                async for chunk in loader.export(list(self.images)):
+                    yield chunk
+            finally:
+                await loader.close()
+            return
+        if self.path == "-":
+            stdin = anyio.wrap_file(sys.stdin.buffer)
+            while chunk := await stdin.read(CHUNK_SIZE):
+                yield chunk
+            return
+        assert self.path is not None
+        async with await anyio.open_file(self.path, "rb") as file:
+            while chunk := await file.read(CHUNK_SIZE):
+                yield chunk
+
+
+class _Hub:
+    """The two hub calls seal needs: log in as a publisher, register a key."""
+
+    def __init__(self, http: httpx.AsyncClient, url: str, email: str, password: str) -> None:
+        self._http = http
+        self._url = url.rstrip("/")
+        self._email = email
+        self._password = password
+        self._token: str | None = None
+
+    async def _request(
+        self, method: str, path: str, body: dict[str, str], token: str | None = None
+    ) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {token}"} if token is not None else None
+        try:
+            return await self._http.request(
+                method, f"{self._url}{path}", json=body, headers=headers
+            )
+        except httpx.TransportError as exc:
+            msg = f"hub unreachable at {self._url} ({type(exc).__name__})"
+            raise UpstreamError(msg) from exc
+
+    async def login(self) -> None:
+        body = {"email": self._email, "password": self._password}
+        response = await self._request("POST", "/auth/login", body)
+        if response.status_code == 401:
+            msg = f"the hub rejected the credentials of {self._email}"
+            raise CredentialsRejectedError(msg)
+        _check(response)
+        token = _json(response).get("token")
+        if not isinstance(token, str) or not token:
+            msg = f"the hub at {self._url} answered the login without a token"
+            raise UpstreamError(msg)
+        self._token = token
+
+    async def put_key(self, key_id: str, key: bytes) -> None:
+        body = {"key": base64.b64encode(key).decode("ascii")}
+        for attempt in range(2):
+            if self._token is None:
+                await self.login()
+            response = await self._request("PUT", f"/keys/{key_id}", body, self._token)
+            # The token may have expired while a large archive was being encrypted.
+            if response.status_code == 401 and attempt == 0:
+                self._token = None
+                continue
+            if response.status_code == 403:
+                msg = f"{self._email} is not a publisher at {self._url}"
+                raise ForbiddenError(msg)
+            _check(response)
+            return
+
+
+def _json(response: httpx.Response) -> dict[str, object]:
+    try:
+        data = response.json()
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _check(response: httpx.Response) -> None:
+    if response.status_code >= 300:
+        detail = _json(response).get("detail")
+        msg = f"the hub answered {response.status_code} to {response.request.method} "
+        msg += f"{response.request.url.path}" + (f": {detail}" if detail else "")
+        raise UpstreamError(msg)
+
+
+async def seal(  # noqa: PLR0913 - the command's inputs, keyword-only
+    source: SealSource,
+    output: Path,
+    *,
+    key_id: str,
+    upstream: str,
+    email: str,
+    password: str,
+    on_progress: Callable[[int], None] | None = None,
+) -> int:
+    """Encrypt ``source`` into ``output`` and register the key; return the ciphertext size.
+
+    The archive goes to a temp file beside ``output`` first; the key is registered only once
+    the archive is complete (so a failure never replaces a working key), and ``output``
+    appears only after both succeeded.
+    """
+    validate_name(key_id, "key id")
+    key = generate_key()
+    async with httpx.AsyncClient(timeout=httpx.Timeout(30)) as http:
+        hub = _Hub(http, upstream, email, password)
+        # Fail fast on bad credentials or an unreachable hub, before the long part.
+        await hub.login()
+        tmp = output.with_name(f".{output.name}.{os.urandom(6).hex()}.tmp")
+        try:
+            written = await _write(tmp, encrypt_stream(_counted(source, on_progress), key))
+            await hub.put_key(key_id, key)
+            await anyio.Path(tmp).rename(output)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await anyio.Path(tmp).unlink(missing_ok=True)
+            raise
+    return written
+
+
+async def _counted(
+    source: SealSource, on_progress: Callable[[int], None] | None
+) -> AsyncIterator[bytes]:
+    async for chunk in source.chunks():
+        if on_progress is not None:
+            on_progress(len(chunk))
+        yield chunk
+
+
+async def _write(path: Path, chunks: AsyncIterator[bytes]) -> int:
+    written = 0
+    try:
+        async with await anyio.open_file(path, "xb") as file:
+            async for chunk in chunks:
+                await file.write(chunk)
+                written += len(chunk)
+            await file.flush()
+            await anyio.to_thread.run_sync(os.fsync, file.wrapped.fileno())
+    except OSError as exc:
+        msg = f"cannot write {path.parent}: {exc.strerror or exc}"
+        raise UnlockdError(msg) from exc
+    return written
+
+
+def seal_command(args: argparse.Namespace) -> int:
+    """Run ``unlockd seal`` from parsed arguments; return the exit status."""
+    from unlockd.cli import read_password  # noqa: PLC0415 - cli imports this module lazily
+
+    source = SealSource.parse(args.input, list(args.image))
+    validate_name(args.key_id, "key id")
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        msg = f"output directory {str(output.parent)!r} does not exist"
+        raise InvalidInputError(msg)
+    password = read_password(prompt=f"Password for {args.email}: ")
+
+    async def run() -> int:
+        with Progress(await source.size(), "seal") as progress:
+            return await seal(
+                source,
+                output,
+                key_id=args.key_id,
+                upstream=args.upstream,
+                email=args.email,
+                password=password,
+                on_progress=progress.advance,
+            )
+
+    size = anyio.run(run)
+    print(  # noqa: T201
+        f"sealed {output} ({size} bytes); key {args.key_id!r} registered at {args.upstream}"
+    )
+    return 0

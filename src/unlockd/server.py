@@ -1,0 +1,215 @@
+"""``unlockd serve`` runs the sidecar under uvicorn; ``unlockd dev`` runs hub + sidecar together."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import logging
+import os
+import secrets
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+import uvicorn
+
+from unlockd.config import Settings
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Iterator, Mapping
+
+    from starlette.types import ASGIApp
+
+__all__ = ["DEMO_EMAIL", "dev_command", "serve_command"]
+
+DEMO_EMAIL = "demo@example.com"
+DEV_DIR = Path(".unlockd-dev")
+DEV_HUB_PORT = 8700
+DEV_SIDECAR_PORT = 8600
+logger = logging.getLogger("unlockd")
+_M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
+_M_MMAP_THRESHOLD = -3
+
+
+def serve_command(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
+    """Run the sidecar until interrupted; flags win over ``UNLOCKD_*`` variables."""
+    settings = Settings.from_environ(
+        os.environ if environ is None else environ,
+        host=args.host,
+        port=args.port,
+        upstream_url=args.upstream,
+        cdn_url=args.cdn,
+        cache_dir=args.cache_dir,
+        archive=args.archive,
+        archive_key_id=args.archive_key_id,
+        api_token=args.api_token,
+    )
+    _configure_logging()
+    if not settings.loopback and settings.api_token is None:
+        logger.warning(
+            "listening on %s without UNLOCKD_API_TOKEN: anyone who can reach this port can "
+            "load models and upload with the stored credentials",
+            settings.host,
+        )
+    from unlockd.app import create_app  # noqa: PLC0415 - keeps `unlockd --help` fast
+
+    _tune_malloc()
+    _run([_Server(_config(create_app(settings), settings.host, settings.port))])
+    return 0
+
+
+def dev_command(args: argparse.Namespace) -> int:  # noqa: ARG001 - `unlockd dev` has no flags
+    """Run hub and sidecar on loopback with a demo publisher account; data in ./.unlockd-dev."""
+    from unlockd.app import create_app  # noqa: PLC0415
+    from unlockd.hub import HubSettings, add_user, create_hub_app  # noqa: PLC0415
+
+    base = DEV_DIR.resolve()
+    hub_dir, cache_dir = base / "hub", base / "cache"
+    hub_dir.mkdir(parents=True, exist_ok=True)
+    password = _demo_password(base / "demo-password")
+    add_user(hub_dir, DEMO_EMAIL, password, role="publisher")
+    upstream = f"http://127.0.0.1:{DEV_HUB_PORT}"
+    hub = create_hub_app(HubSettings(data_dir=hub_dir, host="127.0.0.1", port=DEV_HUB_PORT))
+    sidecar = create_app(
+        Settings.from_environ(
+            os.environ,
+            host="127.0.0.1",
+            port=DEV_SIDECAR_PORT,
+            upstream_url=upstream,
+            cache_dir=cache_dir,
+        )
+    )
+    _configure_logging()
+    _tune_malloc()
+    servers = [
+        _Server(_config(hub, "127.0.0.1", DEV_HUB_PORT)),
+        _Server(_config(sidecar, "127.0.0.1", DEV_SIDECAR_PORT)),
+    ]
+    print(_dev_banner(base, upstream, password), flush=True)  # noqa: T201
+    _run(servers)
+    return 0
+
+
+def _tune_malloc() -> None:
+    """Keep 1 MiB segment buffers on the heap instead of fresh mmaps (glibc only).
+
+    glibc serves allocations of 128 KiB and more with mmap and unmaps them on free, so every
+    1 MiB chunk of a stream would be page-faulted in anew; a higher threshold lets freed
+    segment-sized blocks be reused, and a higher trim threshold keeps them around.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
+        return
+    mallopt(_M_MMAP_THRESHOLD, 16 << 20)
+    mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+
+
+def _config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
+    # "auto" picks uvloop and httptools when they are installed (uvicorn[standard]).
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        loop="auto",
+        http="auto",
+        lifespan="on",
+        log_level="info",
+        access_log=False,  # one line per request would drown the interesting ones
+        timeout_graceful_shutdown=10,
+    )
+
+
+def _configure_logging() -> None:
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def _run(servers: list[_Server]) -> None:
+    # SIGINT and SIGTERM are a clean shutdown (exit 0), as container runtimes expect.
+    with asyncio.Runner(loop_factory=servers[0].config.get_loop_factory()) as runner:
+        runner.run(_serve_together(servers))
+
+
+class _Server(uvicorn.Server):
+    """A uvicorn server that leaves signals to :func:`_serve_together` (one handler for all)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _serve_together(servers: list[_Server]) -> None:
+    loop = asyncio.get_running_loop()
+
+    def stop() -> None:
+        for server in servers:
+            # A second Ctrl-C stops waiting for open connections.
+            server.force_exit = server.should_exit
+            server.should_exit = True
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop)
+    try:
+        async with anyio.create_task_group() as task_group:
+            for server in servers:
+                task_group.start_soon(_serve_one, server, servers)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+async def _serve_one(server: _Server, servers: list[_Server]) -> None:
+    try:
+        await server.serve()
+    finally:
+        # When one stops (or fails to start), stop the other too.
+        for other in servers:
+            other.should_exit = True
+
+
+def _demo_password(path: Path) -> str:
+    """The dev account's password: random on first run, then kept in ``path`` (mode 0600)."""
+    with contextlib.suppress(FileNotFoundError):
+        if stored := path.read_text().strip():
+            return stored
+    password = secrets.token_urlsafe(12)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as file:
+        file.write(password + "\n")
+    return password
+
+
+def _dev_banner(base: Path, upstream: str, password: str) -> str:
+    sidecar = f"http://127.0.0.1:{DEV_SIDECAR_PORT}"
+    login = shlex.quote(f'{{"email": "{DEMO_EMAIL}", "password": "{password}"}}')
+    lines = [
+        "unlockd dev stack",
+        f"  hub (upstream)   {upstream}   data in {base / 'hub'}",
+        f"  sidecar          {sidecar}   cache in {base / 'cache'}",
+        f"  demo publisher   {DEMO_EMAIL} / {password}   (kept in {base / 'demo-password'})",
+        "",
+        "Try it (another terminal):",
+        f"  curl -s {sidecar}/login -H 'Content-Type: application/json' -d {login}",
+        "  head -c 50000000 /dev/urandom > model.bin",
+        f"  curl -s -F folder=models -F data=@model.bin {sidecar}/upload/model.bin",
+        f"  curl -s -X POST {sidecar}/load/model.bin -o loaded.bin && cmp model.bin loaded.bin",
+        f"  curl -s -r 0-9999999 -o resumed.bin {sidecar}/resources/models/model.bin",
+        f"  curl -s -C - -o resumed.bin {sidecar}/resources/models/model.bin",
+        "  cmp model.bin resumed.bin",
+        f"  curl -s {sidecar}/status; curl -s {sidecar}/metrics | grep unlockd_",
+        "",
+        "Ctrl-C stops both.",
+    ]
+    return "\n".join(lines)

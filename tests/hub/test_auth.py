@@ -1,0 +1,153 @@
+"""Login, tokens, roles and password storage of the hub."""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+
+import httpx
+import pytest
+
+from unlockd.errors import InvalidInputError
+from unlockd.hub import add_user
+from unlockd.hub.auth import hash_password, verify_password
+
+
+def test_login_valid_credentials_returns_expiring_token(hub, accounts):
+    """A correct password yields a bearer token and its lifetime."""
+    (publisher, _) = accounts
+    reply = httpx.post(
+        f"{hub.url}/auth/login", json={"email": publisher[0], "password": publisher[1]}
+    )
+    assert reply.status_code == 200
+    body = reply.json()
+    assert body["expires_in"] == 3600
+    assert len(body["token"]) >= 32
+
+
+def test_login_wrong_password_and_unknown_email_look_the_same(hub, accounts):
+    """Both failures are 401 with the same body, so emails cannot be probed."""
+    wrong = httpx.post(f"{hub.url}/auth/login", json={"email": accounts[1][0], "password": "no"})
+    unknown = httpx.post(f"{hub.url}/auth/login", json={"email": "x@y.z", "password": "nope"})
+    assert wrong.status_code == unknown.status_code == 401
+    assert wrong.json() == unknown.json() == {"detail": "invalid email or password"}
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"email": "a@b.c"}',
+        b'{"email": "a@b.c", "password": 5}',
+        b'{"email": "", "password": "x"}',
+        b"\xff\xfe",
+    ],
+)
+def test_login_bad_body_is_422(hub, content):
+    """Bodies that are not an object with two non-empty strings are 422 with a detail."""
+    reply = httpx.post(f"{hub.url}/auth/login", content=content)
+    assert reply.status_code == 422
+    assert "detail" in reply.json()
+
+
+def test_login_oversized_body_is_413(hub):
+    """A JSON body over the limit is refused before it is parsed."""
+    reply = httpx.post(f"{hub.url}/auth/login", content=b" " * (1024 * 1024 + 1))
+    assert reply.status_code == 413
+
+
+@pytest.mark.parametrize(
+    "authorization", [None, "Bearer", "Bearer not-a-token", "Basic dXNlcjpwdw=="]
+)
+def test_reader_endpoint_without_valid_token_is_401(hub, authorization):
+    """A missing, empty, unknown or non-bearer credential is 401 with WWW-Authenticate."""
+    headers = {} if authorization is None else {"authorization": authorization}
+    reply = httpx.get(f"{hub.url}/keys/images", headers=headers)
+    assert reply.status_code == 401
+    assert reply.headers["www-authenticate"] == "Bearer"
+    assert "detail" in reply.json()
+
+
+def test_token_after_ttl_is_401(tmp_path, start_hub, accounts):
+    """A token stops working once --token-ttl has passed."""
+    with start_hub(tmp_path / "hub", token_ttl=1) as url:
+        login = httpx.post(
+            f"{url}/auth/login", json=dict(zip(("email", "password"), accounts[1], strict=True))
+        )
+        assert login.json()["expires_in"] == 1
+        headers = {"authorization": f"Bearer {login.json()['token']}"}
+        assert httpx.get(f"{url}/keys/nope", headers=headers).status_code == 404
+        time.sleep(1.1)
+        reply = httpx.get(f"{url}/keys/nope", headers=headers)
+        assert reply.status_code == 401
+        assert reply.json() == {"detail": "invalid or expired token"}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("POST", "/uploads", None),
+        ("PUT", "/uploads/AAAAAAAAAAAAAAAAAAAAAA", None),
+        ("DELETE", "/uploads/AAAAAAAAAAAAAAAAAAAAAA", None),
+        ("PUT", "/resources/models/a.bin", {"upload_id": "x", "key": "", "small": ""}),
+        ("DELETE", "/resources/models/a.bin", None),
+        ("PUT", "/keys/images", {"key": "A" * 44}),
+    ],
+)
+def test_publisher_endpoint_as_reader_is_403(reader, method, path, body):
+    """A reader may not upload, publish, delete or register keys."""
+    reply = reader.request(method, path, json=body)
+    assert reply.status_code == 403
+    assert reply.json() == {"detail": "this call needs the publisher role"}
+
+
+def test_add_user_existing_email_updates_password_and_role(hub, accounts):
+    """add_user on an existing account replaces its password and role."""
+    email, old_password = accounts[1]
+    add_user(hub.data_dir, email, "new-password", role="publisher")
+    assert (
+        httpx.post(
+            f"{hub.url}/auth/login", json={"email": email, "password": old_password}
+        ).status_code
+        == 401
+    )
+    with hub.client((email, "new-password")) as client:
+        assert client.post("/uploads").status_code == 201
+
+
+def test_add_user_stores_only_a_scrypt_hash(hub, accounts):
+    """The database holds a salted scrypt hash, never the password."""
+    with sqlite3.connect(hub.data_dir / "hub.sqlite3") as db:
+        rows = db.execute("SELECT email, password_hash FROM users").fetchall()
+    db.close()
+    assert {email for email, _ in rows} == {email for email, _ in accounts}
+    for _, stored in rows:
+        assert stored.startswith("scrypt$")
+        assert all(password not in stored for _, password in accounts)
+    assert rows[0][1] != rows[1][1]
+
+
+@pytest.mark.parametrize(
+    ("email", "password", "role"),
+    [
+        ("", "pw", "reader"),
+        ("a@b.c", "", "reader"),
+        ("a@b.c", "pw", "admin"),
+        (" a", "p", "reader"),
+    ],
+)
+def test_add_user_bad_input_is_refused(tmp_path, email, password, role):
+    """Empty emails or passwords and unknown roles are refused."""
+    with pytest.raises(InvalidInputError):
+        add_user(tmp_path, email, password, role)
+
+
+def test_verify_password_matches_only_the_right_password():
+    """A hash verifies its own password, not another, and malformed hashes never match."""
+    stored = hash_password("correct horse")
+    assert verify_password("correct horse", stored)
+    assert not verify_password("correct horsE", stored)
+    assert not verify_password("x", "garbage")
+    assert not verify_password("x", "bcrypt$1$2$3$AA==$AA==")
+    assert hash_password("same") != hash_password("same")

@@ -1,0 +1,111 @@
+"""Settings: cast and validated once from an injected environ, overrides win."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from unlockd.config import Settings
+from unlockd.errors import InvalidInputError
+
+
+def test_settings_empty_environ_defaults():
+    """With no variables the defaults of the spec apply."""
+    settings = Settings.from_environ({"XDG_CACHE_HOME": "/xdg"})
+    assert settings.host == "127.0.0.1"
+    assert settings.port == 8600
+    assert settings.upstream_url == "http://127.0.0.1:8700"
+    assert settings.cdn_url is None
+    assert settings.cache_dir == Path("/xdg/unlockd/models")
+    assert settings.archive is None
+    assert settings.archive_key_id == "images"
+    assert settings.api_token is None
+    assert settings.max_upload is None
+    assert settings.small_size == 4096
+    assert settings.loopback
+
+
+def test_settings_environ_values_cast():
+    """Every UNLOCKD_* variable is read and cast to its type."""
+    settings = Settings.from_environ(
+        {
+            "UNLOCKD_HOST": "192.0.2.1",
+            "UNLOCKD_PORT": "9000",
+            "UNLOCKD_UPSTREAM_URL": "https://hub.example:8443/",
+            "UNLOCKD_CDN_URL": "http://cdn.local",
+            "UNLOCKD_CACHE_DIR": "/var/cache/m",
+            "UNLOCKD_ARCHIVE": "/opt/images.enc",
+            "UNLOCKD_ARCHIVE_KEY_ID": "imgs-2",
+            "UNLOCKD_API_TOKEN": "s3cret",
+            "UNLOCKD_MAX_UPLOAD": "1000",
+            "UNLOCKD_SMALL_SIZE": "40",
+            "DOCKER_HOST": "tcp://127.0.0.1:2375",
+        }
+    )
+    assert settings.host == "192.0.2.1"
+    assert not settings.loopback
+    assert settings.port == 9000
+    assert settings.upstream_url == "https://hub.example:8443"
+    assert settings.cdn_url == "http://cdn.local"
+    assert settings.cache_dir == Path("/var/cache/m")
+    assert settings.archive == Path("/opt/images.enc")
+    assert settings.archive_key_id == "imgs-2"
+    assert settings.api_token == "s3cret"
+    assert settings.max_upload == 1000
+    assert settings.small_size == 40
+    assert settings.docker_host == "tcp://127.0.0.1:2375"
+
+
+def test_settings_override_wins_over_environ():
+    """A flag value wins over its variable; None overrides are ignored."""
+    settings = Settings.from_environ(
+        {"UNLOCKD_PORT": "9000", "UNLOCKD_HOST": "::1"}, port=9001, host=None, cache_dir="/c"
+    )
+    assert settings.port == 9001
+    assert settings.host == "::1"
+    assert settings.loopback
+    assert settings.cache_dir == Path("/c")
+
+
+def test_settings_empty_variable_ignored():
+    """An empty variable counts as unset."""
+    assert Settings.from_environ({"UNLOCKD_API_TOKEN": ""}).api_token is None
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"UNLOCKD_PORT": "x"}, "UNLOCKD_PORT: expected an integer, got 'x'"),
+        ({"UNLOCKD_PORT": "70000"}, "UNLOCKD_PORT: expected an integer between 0 and 65535"),
+        ({"UNLOCKD_UPSTREAM_URL": "ftp://x"}, "UNLOCKD_UPSTREAM_URL: expected an http://"),
+        ({"UNLOCKD_CDN_URL": "http://h:99999"}, "UNLOCKD_CDN_URL: invalid port"),
+        ({"UNLOCKD_SMALL_SIZE": "39"}, "UNLOCKD_SMALL_SIZE: expected an integer >= 40"),
+        ({"UNLOCKD_MAX_UPLOAD": "0"}, "UNLOCKD_MAX_UPLOAD: expected an integer >= 1"),
+        ({"UNLOCKD_ARCHIVE_KEY_ID": "a/b"}, "invalid UNLOCKD_ARCHIVE_KEY_ID"),
+        ({"UNLOCKD_HOST": "  "}, "UNLOCKD_HOST: expected a non-empty string"),
+    ],
+)
+def test_settings_bad_value_error_names_key(environ, message):
+    """A bad value raises InvalidInputError whose message names the variable."""
+    with pytest.raises(InvalidInputError, match="^" + message.replace("?", r"\?")):
+        Settings.from_environ(environ)
+
+
+def test_settings_bad_override_error_names_flag():
+    """A bad override names its command-line flag."""
+    with pytest.raises(InvalidInputError, match=r"^--port: expected an integer"):
+        Settings.from_environ({}, port="abc")
+
+
+def test_settings_unknown_override_rejected():
+    """A misspelt override is a programming error."""
+    with pytest.raises(TypeError, match="prot"):
+        Settings.from_environ({}, prot=1)
+
+
+def test_settings_are_frozen():
+    """Settings cannot change after validation."""
+    settings = Settings.from_environ({})
+    with pytest.raises(AttributeError):
+        settings.port = 1  # type: ignore[misc]

@@ -1,0 +1,148 @@
+"""Helpers of the transfer tests: a probe around the real hub and shortcuts for transfers."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from unlockd.hub import HubSettings, add_user, create_hub_app
+
+if TYPE_CHECKING:
+    from unlockd.api_client import ApiClient
+    from unlockd.cache import BigPartCache
+    from unlockd.metrics import Metrics
+    from unlockd.transfers import Transfers
+
+EMAIL = "publisher@example.com"
+PASSWORD = "correct horse battery staple"
+
+
+class CutConnectionError(Exception):
+    """Raised by the probe to make uvicorn drop a connection mid-body."""
+
+
+class HubProbe:
+    """ASGI wrapper: records (method, path, headers) of each request; optional blob faults."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.requests: list[tuple[str, str, dict[str, str]]] = []
+        self.cut_blob_after: int | None = None  # one-shot: drop the next blob body after N bytes
+        self.ignore_range = False  # answer 200 with the whole blob to range requests
+        self.blob_delay = 0.0  # seconds to wait before each blob body message
+
+    def count(self, method: str, prefix: str) -> int:
+        return sum(1 for m, p, _ in self.requests if m == method and p.startswith(prefix))
+
+    def blob_requests(self) -> list[dict[str, str]]:
+        return [h for m, p, h in self.requests if m == "GET" and p.startswith("/blobs/")]
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        self.requests.append((scope["method"], scope["path"], headers))
+        if scope["path"].startswith("/blobs/"):
+            if self.ignore_range:
+                kept = [(k, v) for k, v in scope["headers"] if k.lower() != b"range"]
+                scope = dict(scope, headers=kept)
+            if self.cut_blob_after is not None:
+                send = _cutting(send, self.cut_blob_after)
+                self.cut_blob_after = None
+            if self.blob_delay:
+                send = _delaying(send, self.blob_delay)
+        await self.app(scope, receive, send)
+
+
+def _cutting(send: Any, limit: int) -> Any:
+    sent = 0
+
+    async def wrapped(message: Any) -> None:
+        nonlocal sent
+        if message["type"] == "http.response.body":
+            body = message.get("body", b"")
+            if sent + len(body) >= limit:
+                await send(
+                    {"type": "http.response.body", "body": body[: limit - sent], "more_body": True}
+                )
+                raise CutConnectionError
+            sent += len(body)
+        await send(message)
+
+    return wrapped
+
+
+def _delaying(send: Any, delay: float) -> Any:
+    async def wrapped(message: Any) -> None:
+        if message["type"] == "http.response.body":
+            await asyncio.sleep(delay)
+        await send(message)
+
+    return wrapped
+
+
+@dataclass
+class Hub:
+    url: str
+    probe: HubProbe
+    data_dir: Any
+
+
+@dataclass
+class Sidecar:
+    """The data-plane objects a sidecar app would create in its lifespan."""
+
+    api: ApiClient
+    cache: BigPartCache
+    transfers: Transfers
+    metrics: Metrics
+    cache_dir: Any
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def make_hub(tmp_path, token_ttl: int = 3600):
+    data_dir = tmp_path / "hub"
+    add_user(data_dir, EMAIL, PASSWORD, role="publisher")
+    probe = HubProbe(create_hub_app(HubSettings(data_dir=data_dir, token_ttl=token_ttl)))
+    return data_dir, probe
+
+
+async def chunked(data: bytes, size: int = 65_536):
+    for i in range(0, len(data), size):
+        yield data[i : i + size]
+
+
+async def folder_models() -> str:
+    return "models"
+
+
+async def upload(sidecar: Sidecar, name: str, data: bytes, chunk: int = 65_536) -> dict[str, Any]:
+    return await sidecar.transfers.upload(name, chunked(data, chunk), folder_models)
+
+
+async def download(sidecar: Sidecar, name: str, byte_range=None) -> bytes:
+    d = await sidecar.transfers.open_download("models", name, byte_range)
+    try:
+        return b"".join([chunk async for chunk in d])
+    finally:
+        await d.aclose()
+
+
+def temp_files(directory) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
+
+
+def random_bytes(n: int) -> bytes:
+    return os.urandom(n)
+
+
+async def settled(sidecar: Sidecar) -> None:
+    """Wait until the cache has no download in progress (entries published or dropped)."""
+    with anyio.fail_after(10):
+        while sidecar.cache._fetches or temp_files(sidecar.cache_dir):  # noqa: ASYNC110
+            await anyio.sleep(0.01)

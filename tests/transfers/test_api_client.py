@@ -1,0 +1,136 @@
+"""ApiClient against the real hub: login, token renewal under concurrency, errors, URLs."""
+
+from __future__ import annotations
+
+import time
+
+import anyio
+import httpx
+import pytest
+
+from servers import serve
+from transfers.support import EMAIL, PASSWORD, make_hub, random_bytes, upload
+from unlockd.api_client import ApiClient
+from unlockd.cache import BigPartCache
+from unlockd.errors import (
+    CredentialsRejectedError,
+    ForbiddenError,
+    NotAuthenticatedError,
+    NotFoundError,
+)
+from unlockd.hub import add_user
+from unlockd.metrics import Metrics
+from unlockd.transfers import Transfers
+
+
+async def _publish(api: ApiClient, tmp_path, name: str = "m.bin") -> None:
+    metrics = Metrics()
+    transfers = Transfers(api, BigPartCache(tmp_path / "cache", metrics), metrics)
+
+    async def chunks():
+        yield random_bytes(10_000)
+
+    async def folder() -> str:
+        return "models"
+
+    await transfers.upload(name, chunks(), folder)
+
+
+async def _many_gets(api: ApiClient, n: int) -> None:
+    async with anyio.create_task_group() as tg:
+        for _ in range(n):
+            tg.start_soon(api.get_resource, "models", "m.bin")
+
+
+async def test_api_client_token_expired_relogs_in_once(tmp_path):
+    """80 concurrent requests after the token expired cause exactly one login."""
+    _, probe = make_hub(tmp_path, token_ttl=1)
+    with serve(probe) as url:
+        async with httpx.AsyncClient(timeout=30) as http:
+            api = ApiClient(http, url)
+            await api.login(EMAIL, PASSWORD)
+            await _publish(api, tmp_path)
+            before = probe.count("POST", "/auth/login")
+            await anyio.sleep(1.1)
+            await _many_gets(api, 80)
+            assert probe.count("POST", "/auth/login") == before + 1
+            assert probe.count("GET", "/resources/") == 80
+
+
+async def test_api_client_upstream_401_relogs_in_once_and_retries(tmp_path):
+    """When the hub rejects a token the client thinks valid, one login serves all retries."""
+    _, probe = make_hub(tmp_path, token_ttl=1)
+    with serve(probe) as url:
+        async with httpx.AsyncClient(timeout=30) as http:
+            api = ApiClient(http, url)
+            await api.login(EMAIL, PASSWORD)
+            await _publish(api, tmp_path)
+            await anyio.sleep(1.1)
+            api._expires_at = time.monotonic() + 100  # the client does not know it expired
+            before = probe.count("POST", "/auth/login")
+            await _many_gets(api, 50)
+            assert probe.count("POST", "/auth/login") == before + 1
+            assert probe.count("GET", "/resources/") == 100
+
+
+async def test_api_client_without_login_not_authenticated(hub):
+    """Without credentials, resource calls raise NotAuthenticatedError and send nothing."""
+    async with httpx.AsyncClient() as http:
+        api = ApiClient(http, hub.url)
+        assert not api.authenticated
+        assert api.email is None
+        with pytest.raises(NotAuthenticatedError):
+            await api.get_resource("models", "m.bin")
+    assert hub.probe.requests == []
+
+
+async def test_api_client_wrong_password_rejected_without_leaking(hub):
+    """Rejected credentials raise CredentialsRejectedError; the password is not in the message."""
+    async with httpx.AsyncClient() as http:
+        api = ApiClient(http, hub.url)
+        with pytest.raises(CredentialsRejectedError) as info:
+            await api.login(EMAIL, "hunter2-wrong")
+        assert "hunter2" not in str(info.value)
+        assert not api.authenticated
+
+
+async def test_api_client_login_sets_status(hub):
+    """A successful login makes the client authenticated under that email."""
+    async with httpx.AsyncClient() as http:
+        api = ApiClient(http, hub.url)
+        await api.login(EMAIL, PASSWORD)
+        assert api.authenticated
+        assert api.email == EMAIL
+        await api.check_upstream()
+
+
+async def test_api_client_missing_resource_not_found(sidecar):
+    """An unknown resource is NotFoundError."""
+    with pytest.raises(NotFoundError):
+        await sidecar.api.get_resource("models", "nope.bin")
+
+
+async def test_api_client_reader_cannot_upload_forbidden(hub):
+    """A reader account gets ForbiddenError for uploads."""
+    add_user(hub.data_dir, "reader@example.com", PASSWORD, role="reader")
+    async with httpx.AsyncClient() as http:
+        api = ApiClient(http, hub.url)
+        await api.login("reader@example.com", PASSWORD)
+        with pytest.raises(ForbiddenError):
+            await api.create_upload()
+
+
+async def test_api_client_cdn_url_replaces_host(sidecar, hub):
+    """big_url is made absolute against the upstream, and UNLOCKD_CDN_URL replaces its host."""
+    await upload(sidecar, "m.bin", b"x" * 10_000)
+    info = await sidecar.api.get_resource("models", "m.bin")
+    assert info.big_url == f"{hub.url}/blobs/{info.etag}"
+    port = hub.url.rsplit(":", 1)[1]
+    async with httpx.AsyncClient() as http:
+        api = ApiClient(http, hub.url, cdn_url=f"http://localhost:{port}")
+        await api.login(EMAIL, PASSWORD)
+        other = await api.get_resource("models", "m.bin")
+        assert other.big_url == f"http://localhost:{port}/blobs/{info.etag}"
+        blob = b"".join([c async for c in api.stream_blob(other.big_url)])
+    assert len(blob) == info.big_size
+    assert repr(info).find("key=") == -1

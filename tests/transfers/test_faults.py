@@ -1,0 +1,198 @@
+"""CDN faults, cache corruption, shared and cancelled downloads, abandoned uploads."""
+
+from __future__ import annotations
+
+import anyio
+import httpx
+import pytest
+
+from transfers.support import (
+    EMAIL,
+    PASSWORD,
+    download,
+    folder_models,
+    random_bytes,
+    settled,
+    temp_files,
+    upload,
+)
+from unlockd.api_client import ApiClient
+from unlockd.errors import (
+    CiphertextError,
+    InvalidInputError,
+    NotFoundError,
+    UpstreamError,
+)
+
+PS = (1 << 20) - 16
+SIZE = 6 * PS + 999
+
+
+async def test_download_second_time_hits_cache(sidecar, hub):
+    """The second download of a resource reads no blob from the CDN."""
+    data = random_bytes(3 * PS)
+    await upload(sidecar, "m.bin", data)
+    assert await download(sidecar, "m.bin") == data
+    assert await download(sidecar, "m.bin") == data
+    assert len(hub.probe.blob_requests()) == 1
+    assert len(list(sidecar.cache_dir.iterdir())) == 1
+
+
+async def test_download_flipped_cached_byte_aborts_then_refetches(sidecar, hub):
+    """A flipped byte in a later cached segment aborts mid-stream, evicts; the next load works."""
+    data = random_bytes(SIZE)
+    await upload(sidecar, "m.bin", data)
+    assert await download(sidecar, "m.bin") == data
+    await settled(sidecar)
+    (entry,) = sidecar.cache_dir.iterdir()
+    with entry.open("r+b") as f:
+        f.seek(3 * PS)
+        byte = f.read(1)
+        f.seek(3 * PS)
+        f.write(bytes([byte[0] ^ 1]))
+    d = await sidecar.transfers.open_download("models", "m.bin")
+    received = bytearray()
+
+    async def consume() -> None:
+        async for chunk in d:
+            received.extend(chunk)
+
+    with pytest.raises(CiphertextError):
+        await consume()
+    await d.aclose()
+    assert 0 < len(received) < len(data)
+    assert data.startswith(received)
+    assert not entry.exists()
+    assert sidecar.metrics.integrity_failures._value.get() == 1
+    assert await download(sidecar, "m.bin") == data
+    assert len(hub.probe.blob_requests()) == 2
+
+
+async def test_download_cdn_cut_mid_body_resumes_with_range(sidecar, hub):
+    """A CDN that drops the connection mid-body is resumed with Range from the last byte."""
+    data = random_bytes(SIZE)
+    await upload(sidecar, "m.bin", data)
+    hub.probe.cut_blob_after = 1_500_000
+    assert await download(sidecar, "m.bin") == data
+    first, second = hub.probe.blob_requests()
+    assert first["range"] == f"bytes=0-{len(data) + 6 * 16 + 40 + 16 - 4096 - 1}"
+    assert second["range"].startswith("bytes=1500000-")
+
+
+async def test_stream_blob_range_answered_200_skips_prefix(sidecar, hub):
+    """A CDN that ignores Range (200, whole blob) still yields exactly the asked bytes."""
+    data = random_bytes(SIZE)
+    await upload(sidecar, "m.bin", data)
+    info = await sidecar.api.get_resource("models", "m.bin")
+    whole = b"".join([c async for c in sidecar.api.stream_blob(info.big_url)])
+    hub.probe.ignore_range = True
+    part = b"".join([c async for c in sidecar.api.stream_blob(info.big_url, 1_000_001, 2_500_000)])
+    assert part == whole[1_000_001:2_500_000]
+    hub.probe.cut_blob_after = 2_000_000
+    rest = b"".join([c async for c in sidecar.api.stream_blob(info.big_url, 10, None)])
+    assert rest == whole[10:]
+
+
+async def test_download_concurrent_cold_share_one_blob_request(sidecar, hub):
+    """Concurrent downloads of an uncached resource share one CDN read."""
+    data = random_bytes(SIZE)
+    await upload(sidecar, "m.bin", data)
+    results: list[bytes] = []
+
+    async def one() -> None:
+        results.append(await download(sidecar, "m.bin"))
+
+    async with anyio.create_task_group() as tg:
+        for _ in range(6):
+            tg.start_soon(one)
+    assert results == [data] * 6
+    assert len(hub.probe.blob_requests()) == 1
+    await settled(sidecar)
+    assert len(list(sidecar.cache_dir.iterdir())) == 1
+
+
+async def test_download_reader_cancelled_leaves_no_temp_file(sidecar, hub):
+    """A reader that goes away mid-download cancels the shared download and its temp file."""
+    data = random_bytes(SIZE)
+    await upload(sidecar, "m.bin", data)
+    hub.probe.blob_delay = 0.2
+    d = await sidecar.transfers.open_download("models", "m.bin")
+    async for _chunk in d:
+        break
+    assert len(temp_files(sidecar.cache_dir)) == 1
+    await d.aclose()
+    await settled(sidecar)
+    assert list(sidecar.cache_dir.iterdir()) == []
+    assert sidecar.cache._fetches == {}
+
+
+async def test_download_one_reader_cancelled_other_completes(sidecar, hub):
+    """One reader leaving does not stop the download another reader still needs."""
+    data = random_bytes(SIZE)
+    await upload(sidecar, "m.bin", data)
+    hub.probe.blob_delay = 0.05
+    leaving = await sidecar.transfers.open_download("models", "m.bin")
+    staying = await sidecar.transfers.open_download("models", "m.bin")
+    async for _chunk in leaving:
+        break
+    await leaving.aclose()
+    received = b"".join([chunk async for chunk in staying])
+    await staying.aclose()
+    assert received == data
+    await settled(sidecar)
+    assert len(list(sidecar.cache_dir.iterdir())) == 1
+    assert len(hub.probe.blob_requests()) == 1
+
+
+async def test_download_cancelled_task_leaves_nothing(sidecar, hub):
+    """Cancelling the task that reads a cold download cleans up the shared download."""
+    data = random_bytes(SIZE)
+    await upload(sidecar, "m.bin", data)
+    hub.probe.blob_delay = 0.2
+    with anyio.move_on_after(0.5):
+        await download(sidecar, "m.bin")
+    await settled(sidecar)
+    assert list(sidecar.cache_dir.iterdir()) == []
+
+
+async def test_upload_folder_error_abandons_upload(sidecar, hub):
+    """An upload whose folder turns out invalid is deleted at the hub and nothing is published."""
+
+    async def bad_folder() -> str:
+        raise InvalidInputError("invalid folder")
+
+    async def chunks():
+        yield random_bytes(2 * PS)
+
+    with pytest.raises(InvalidInputError):
+        await sidecar.transfers.upload("m.bin", chunks(), bad_folder)
+    assert hub.probe.count("DELETE", "/uploads/") == 1
+    assert list((hub.data_dir / "uploads").iterdir()) == []
+    with pytest.raises(NotFoundError):
+        await sidecar.api.get_resource("models", "m.bin")
+
+
+async def test_upload_client_stream_fails_abandons_upload(sidecar, hub):
+    """A body that fails mid-stream (client gone) publishes nothing and deletes the upload."""
+
+    async def chunks():
+        yield random_bytes(3 * PS)
+        raise OSError("client disconnected")
+
+    with pytest.raises(OSError, match="client disconnected"):
+        await sidecar.transfers.upload("m.bin", chunks(), folder_models)
+    assert hub.probe.count("DELETE", "/uploads/") == 1
+    assert hub.probe.count("PUT", "/resources/") == 0
+    with pytest.raises(NotFoundError):
+        await sidecar.api.get_resource("models", "m.bin")
+
+
+async def test_upstream_down_raises_upstream_error(tmp_path):
+    """An unreachable upstream is an UpstreamError for login and health checks."""
+    async with httpx.AsyncClient(timeout=5) as http:
+        api = ApiClient(http, "http://127.0.0.1:9")
+        with pytest.raises(UpstreamError):
+            await api.login(EMAIL, PASSWORD)
+        with pytest.raises(UpstreamError):
+            await api.check_upstream()
+        assert not api.authenticated

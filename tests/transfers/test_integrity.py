@@ -1,0 +1,134 @@
+"""Authentication before release: wrong associated data, damaged cache, CDN outages."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import anyio
+import httpx
+import pytest
+
+from servers import serve
+from transfers.support import (
+    EMAIL,
+    PASSWORD,
+    download,
+    make_hub,
+    random_bytes,
+    settled,
+    upload,
+)
+from unlockd.api_client import ApiClient
+from unlockd.cache import BigPartCache
+from unlockd.errors import CiphertextError, UpstreamError
+from unlockd.metrics import Metrics
+from unlockd.transfers import Transfers
+
+PS = (1 << 20) - 16
+
+
+async def test_open_download_wrong_name_fails_before_any_byte(sidecar):
+    """A resource handed out under another name fails in open_download, before any plaintext."""
+    await upload(sidecar, "m.bin", random_bytes(2 * PS))
+    info = await sidecar.api.get_resource("models", "m.bin")
+    swapped = dataclasses.replace(info, name="other.bin")
+    with pytest.raises(CiphertextError):
+        await sidecar.transfers.open_download("models", "other.bin", resource=swapped)
+    assert sidecar.metrics.integrity_failures._value.get() == 1
+    assert sidecar.metrics.active_transfers._value.get() == 0
+
+
+async def test_open_download_damaged_first_cached_segment_refetches(sidecar, hub):
+    """A damaged first segment in the cache is evicted and fetched again, transparently."""
+    data = random_bytes(3 * PS)
+    await upload(sidecar, "m.bin", data)
+    assert await download(sidecar, "m.bin") == data
+    await settled(sidecar)
+    (entry,) = sidecar.cache_dir.iterdir()
+    with entry.open("r+b") as f:
+        f.seek(100)
+        f.write(b"\0" * 8)
+    assert await download(sidecar, "m.bin") == data
+    assert len(hub.probe.blob_requests()) == 2
+    assert sidecar.metrics.integrity_failures._value.get() == 0
+
+
+async def test_download_with_task_group_cache_shares_and_cleans_up(hub, tmp_path):
+    """A cache owning its downloads in a task group shares them and leaves no temp files."""
+    data = random_bytes(5 * PS)
+    metrics = Metrics()
+    async with httpx.AsyncClient(timeout=30) as http, anyio.create_task_group() as tg:
+        api = ApiClient(http, hub.url, metrics=metrics)
+        await api.login(EMAIL, PASSWORD)
+        cache = BigPartCache(tmp_path / "cache", metrics, task_group=tg)
+        transfers = Transfers(api, cache, metrics)
+        await transfers.upload("m.bin", _once(data), _models)
+        first = await transfers.open_download("models", "m.bin")
+        second = await transfers.open_download("models", "m.bin", (PS, None))
+        assert first.source == second.source == "download"
+        got = b"".join([c async for c in first])
+        await first.aclose()
+        await second.aclose()
+        assert got == data
+        with anyio.fail_after(10):
+            while cache._fetches:  # noqa: ASYNC110
+                await anyio.sleep(0.01)
+    assert [p.name.startswith(".") for p in (tmp_path / "cache").iterdir()] == [False]
+    assert len(hub.probe.blob_requests()) == 1
+
+
+async def test_get_resource_upstream_down_raises_upstream_error(tmp_path):
+    """A hub that goes away after login makes resource calls fail with UpstreamError."""
+    _, probe = make_hub(tmp_path)
+    async with httpx.AsyncClient(timeout=5) as http:
+        with serve(probe) as url:
+            api = ApiClient(http, url)
+            await api.login(EMAIL, PASSWORD)
+        with pytest.raises(UpstreamError):
+            await api.get_resource("models", "m.bin")
+
+
+async def test_stream_blob_cdn_down_gives_up_with_upstream_error():
+    """An unreachable CDN is retried a few times with backoff, then UpstreamError."""
+    async with httpx.AsyncClient(timeout=5) as http:
+        api = ApiClient(http, "http://127.0.0.1:9")
+        with anyio.fail_after(10), pytest.raises(UpstreamError, match="5 attempts"):
+            async for _ in api.stream_blob("http://127.0.0.1:9/blobs/x", 0, 10):
+                pass
+
+
+async def _once(data: bytes):
+    yield data
+
+
+async def _models() -> str:
+    return "models"
+
+
+async def test_download_far_range_uncached_streams_from_cdn(sidecar, hub, monkeypatch):
+    """A range far into an entry nobody is downloading is read straight from the CDN."""
+    monkeypatch.setattr("unlockd.cache._AHEAD", 0)
+    data = random_bytes(3 * PS)
+    await upload(sidecar, "m.bin", data)
+    d = await sidecar.transfers.open_download("models", "m.bin", (PS + 5, None))
+    assert d.source == "cdn"
+    got = b"".join([c async for c in d])
+    await d.aclose()
+    assert got == data[PS + 5 :]
+    assert list(sidecar.cache_dir.iterdir()) == []
+    (blob,) = hub.probe.blob_requests()
+    assert blob["range"].startswith(f"bytes={(1 << 20) - 4096}-")  # segment 1, big-part offset
+
+
+async def test_download_cache_write_fails_falls_back_to_cdn(sidecar, hub, monkeypatch):
+    """A cache that cannot be written (disk full) still serves the download from the CDN."""
+
+    def full(*_args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("unlockd.cache._pwritev", full)
+    data = random_bytes(5 * PS)
+    await upload(sidecar, "m.bin", data)
+    assert await download(sidecar, "m.bin") == data
+    await settled(sidecar)
+    assert list(sidecar.cache_dir.iterdir()) == []

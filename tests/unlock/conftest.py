@@ -1,0 +1,67 @@
+"""Fixtures for the unlock tests: a real Docker engine, test images, and their cleanup."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import httpx
+import pytest
+
+from unlock.support import PUBLISHER, READER, Engine, build_image_archive, engine_client
+from unlockd.docker import DEFAULT_DOCKER_HOST
+
+
+@pytest.fixture(scope="session")
+def docker_host() -> str:
+    """The engine at DOCKER_HOST; skip without one, fail if UNLOCKD_REQUIRE_DOCKER=1."""
+    host = os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+    try:
+        if host.startswith("unix://"):
+            # A plain connect first: httpx leaks the socket of a failed unix connect.
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(host.removeprefix("unix://"))
+        with engine_client(host) as client:
+            client.get("/_ping").raise_for_status()
+    except (httpx.HTTPError, OSError) as exc:
+        reason = f"no Docker engine at {host}: {exc}"
+        if os.environ.get("UNLOCKD_REQUIRE_DOCKER") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return host
+
+
+@pytest.fixture(autouse=True)
+def _require_docker_for_marked(request: pytest.FixtureRequest) -> None:
+    if request.node.get_closest_marker("docker") is not None:
+        request.getfixturevalue("docker_host")
+
+
+@pytest.fixture
+def engine(docker_host: str):
+    """Helpers over the real engine; removes every image this test loaded."""
+    with engine_client(docker_host) as client:
+        eng = Engine(client)
+        try:
+            yield eng
+        finally:
+            eng.remove_all()
+
+
+@pytest.fixture
+def image_archive():
+    """Build a small `docker save` archive: ``image_archive({tag: {path: bytes}})``."""
+    return build_image_archive
+
+
+@pytest.fixture(scope="module")
+def hub_url(tmp_path_factory):
+    """A real hub on loopback with a publisher and a reader account."""
+    from servers import serve  # noqa: PLC0415
+    from unlockd.hub import HubSettings, add_user, create_hub_app  # noqa: PLC0415
+
+    data_dir = tmp_path_factory.mktemp("hub")
+    add_user(data_dir, *PUBLISHER, role="publisher")
+    add_user(data_dir, *READER, role="reader")
+    with serve(create_hub_app(HubSettings(data_dir=data_dir))) as url:
+        yield url

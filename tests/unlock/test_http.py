@@ -1,0 +1,134 @@
+"""POST /unlock and GET /unlock/status through the real sidecar app under uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+import anyio
+import httpx
+import pytest
+
+from servers import serve
+from unlock.support import PUBLISHER, READER
+from unlockd.app import create_app
+from unlockd.config import Settings
+from unlockd.seal import SealSource, seal
+
+pytestmark = pytest.mark.docker
+
+
+async def _sealed(hub_url, tmp_path, archive_bytes, key_id="images"):
+    plain = tmp_path / "plain.tar"
+    plain.write_bytes(archive_bytes)
+    out = tmp_path / "images.enc"
+    await seal(
+        SealSource(path=str(plain)),
+        out,
+        key_id=key_id,
+        upstream=hub_url,
+        email=PUBLISHER[0],
+        password=PUBLISHER[1],
+    )
+    plain.unlink()
+    return out
+
+
+def _settings(hub_url, docker_host, tmp_path, archive):
+    return Settings(
+        upstream_url=hub_url,
+        cache_dir=tmp_path / "cache",
+        archive=archive,
+        docker_host=docker_host,
+    )
+
+
+async def _poll(client, until):
+    for _ in range(3000):
+        status = (await client.get("/unlock/status")).json()
+        if until(status):
+            return status
+        await asyncio.sleep(0.01)
+    raise AssertionError(status)
+
+
+async def test_http_unlock_poll_ready_with_images(
+    hub_url, docker_host, engine, image_archive, tmp_path
+):
+    """POST /unlock answers authenticating; polling reaches ready with the tags; creds are set."""
+    tag = engine.new_tag()
+    archive = await _sealed(hub_url, tmp_path, image_archive({tag: {"f": b"f"}}))
+    with serve(create_app(_settings(hub_url, docker_host, tmp_path, archive))) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            response = await client.post(
+                "/unlock", json={"email": READER[0], "password": READER[1]}
+            )
+            assert response.status_code == 200
+            assert response.json() == {"state": "authenticating"}
+            status = await _poll(client, lambda s: s["state"] in {"ready", "error"})
+            assert status["state"] == "ready", status
+            assert status["images"] == [tag]
+            assert status["progress"]["bytes_done"] == archive.stat().st_size
+            assert (await client.get("/status")).json()["authenticated"] is True
+            assert b'unlockd_unlock_state="ready"} 1.0' in (await client.get("/metrics")).content
+    assert engine.tags() == {tag}
+
+
+async def test_http_unlock_missing_archive_404(hub_url, docker_host, tmp_path):
+    """Without the archive file, POST /unlock is 404 with the spec's detail."""
+    settings = _settings(hub_url, docker_host, tmp_path, tmp_path / "absent.enc")
+    with serve(create_app(settings)) as url:
+        async with httpx.AsyncClient(base_url=url) as client:
+            response = await client.post(
+                "/unlock", json={"email": READER[0], "password": READER[1]}
+            )
+            assert response.status_code == 404
+            assert response.json() == {"detail": "Encrypted archive not found"}
+            assert (await client.get("/unlock/status")).json()["state"] == "idle"
+
+
+async def test_http_unlock_50_concurrent_posts_one_200_rest_409(
+    hub_url, docker_host, engine, image_archive, tmp_path
+):
+    """50 concurrent POST /unlock: exactly one 200, the other 49 are 409."""
+    tag = engine.new_tag()
+    archive = await _sealed(hub_url, tmp_path, image_archive({tag: {"f": os.urandom(1 << 20)}}))
+    with serve(create_app(_settings(hub_url, docker_host, tmp_path, archive))) as url:
+        limits = httpx.Limits(max_connections=50)
+        async with httpx.AsyncClient(base_url=url, timeout=30, limits=limits) as client:
+            body = {"email": READER[0], "password": READER[1]}
+            responses = await asyncio.gather(
+                *(client.post("/unlock", json=body) for _ in range(50))
+            )
+            codes = sorted(r.status_code for r in responses)
+            assert codes == [200] + [409] * 49
+            status = await _poll(client, lambda s: s["state"] in {"ready", "error"})
+            assert status["state"] == "ready", status
+
+
+async def test_http_unlock_shutdown_mid_run_interrupted_no_leftovers(
+    hub_url, docker_host, engine, image_archive, tmp_path
+):
+    """Stopping the sidecar mid-run cancels the run: error state, no image, no plaintext file."""
+    tag = engine.new_tag()
+    archive = await _sealed(hub_url, tmp_path, image_archive({tag: {"f": os.urandom(48 << 20)}}))
+    app = create_app(_settings(hub_url, docker_host, tmp_path, archive))
+    with serve(app) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            body = {"email": READER[0], "password": READER[1]}
+            assert (await client.post("/unlock", json=body)).status_code == 200
+            await _poll(client, lambda s: s["progress"]["bytes_done"] > 0)
+    status = app.state.unlock.status()
+    assert status["state"] == "error"
+    assert status["error"].startswith("interrupted by shutdown (while ")
+    plaintext = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "images.enc"]
+    assert plaintext == []
+    if status["error"].endswith("(while loading_images)"):
+        # The engine had the whole authentic archive: it may still commit it; let it settle.
+        with anyio.fail_after(30):
+            while engine.tags() != {tag}:  # noqa: ASYNC110 - the engine has no event for this
+                await anyio.sleep(0.05)
+    else:
+        await anyio.sleep(0.5)
+        assert engine.tags() == set()
+        assert engine.leftovers() == 0
