@@ -265,6 +265,11 @@ class ApiClient:
             raise self._invalid("key is not 32 bytes")
         return key
 
+    async def put_key(self, key_id: str, key: bytes) -> None:
+        """Register the archive key ``key_id`` (publishers only)."""
+        body = {"key": base64.b64encode(key).decode("ascii")}
+        await self._authed("PUT", f"keys/{key_id}", kind="key", json=body)
+
     # -- blobs ---------------------------------------------------------------------
 
     async def stream_blob(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import sys
 from dataclasses import dataclass
@@ -12,15 +11,10 @@ from typing import TYPE_CHECKING
 import anyio
 import httpx
 
+from unlockd.api_client import ApiClient
 from unlockd.crypto_stream import encrypt_stream, generate_key
 from unlockd.docker import DockerLoader
-from unlockd.errors import (
-    CredentialsRejectedError,
-    ForbiddenError,
-    InvalidInputError,
-    UnlockdError,
-    UpstreamError,
-)
+from unlockd.errors import ForbiddenError, InvalidInputError, UnlockdError
 from unlockd.models import validate_name
 from unlockd.progress import Progress
 
@@ -82,74 +76,6 @@ class SealSource:
                 yield chunk
 
 
-class _Hub:
-    """The two hub calls seal needs: log in as a publisher, register a key."""
-
-    def __init__(self, http: httpx.AsyncClient, url: str, email: str, password: str) -> None:
-        self._http = http
-        self._url = url.rstrip("/")
-        self._email = email
-        self._password = password
-        self._token: str | None = None
-
-    async def _request(
-        self, method: str, path: str, body: dict[str, str], token: str | None = None
-    ) -> httpx.Response:
-        headers = {"Authorization": f"Bearer {token}"} if token is not None else None
-        try:
-            return await self._http.request(
-                method, f"{self._url}{path}", json=body, headers=headers
-            )
-        except httpx.TransportError as exc:
-            msg = f"hub unreachable at {self._url} ({type(exc).__name__})"
-            raise UpstreamError(msg) from exc
-
-    async def login(self) -> None:
-        body = {"email": self._email, "password": self._password}
-        response = await self._request("POST", "/auth/login", body)
-        if response.status_code == 401:
-            msg = f"the hub rejected the credentials of {self._email}"
-            raise CredentialsRejectedError(msg)
-        _check(response)
-        token = _json(response).get("token")
-        if not isinstance(token, str) or not token:
-            msg = f"the hub at {self._url} answered the login without a token"
-            raise UpstreamError(msg)
-        self._token = token
-
-    async def put_key(self, key_id: str, key: bytes) -> None:
-        body = {"key": base64.b64encode(key).decode("ascii")}
-        for attempt in range(2):
-            if self._token is None:
-                await self.login()
-            response = await self._request("PUT", f"/keys/{key_id}", body, self._token)
-            # The token may have expired while a large archive was being encrypted.
-            if response.status_code == 401 and attempt == 0:
-                self._token = None
-                continue
-            if response.status_code == 403:
-                msg = f"{self._email} is not a publisher at {self._url}"
-                raise ForbiddenError(msg)
-            _check(response)
-            return
-
-
-def _json(response: httpx.Response) -> dict[str, object]:
-    try:
-        data = response.json()
-    except ValueError:
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _check(response: httpx.Response) -> None:
-    if response.status_code >= 300:
-        detail = _json(response).get("detail")
-        msg = f"the hub answered {response.status_code} to {response.request.method} "
-        msg += f"{response.request.url.path}" + (f": {detail}" if detail else "")
-        raise UpstreamError(msg)
-
-
 async def seal(  # noqa: PLR0913 - the command's inputs, keyword-only
     source: SealSource,
     output: Path,
@@ -169,13 +95,17 @@ async def seal(  # noqa: PLR0913 - the command's inputs, keyword-only
     validate_name(key_id, "key id")
     key = generate_key()
     async with httpx.AsyncClient(timeout=httpx.Timeout(30)) as http:
-        hub = _Hub(http, upstream, email, password)
+        hub = ApiClient(http, upstream)
         # Fail fast on bad credentials or an unreachable hub, before the long part.
-        await hub.login()
+        await hub.login(email, password)
         tmp = output.with_name(f".{output.name}.{os.urandom(6).hex()}.tmp")
         try:
             written = await _write(tmp, encrypt_stream(_counted(source, on_progress), key))
-            await hub.put_key(key_id, key)
+            try:
+                await hub.put_key(key_id, key)
+            except ForbiddenError as exc:
+                msg = f"{email} is not a publisher at {upstream}"
+                raise ForbiddenError(msg) from exc
             await anyio.Path(tmp).rename(output)
         except BaseException:
             with anyio.CancelScope(shield=True):

@@ -18,10 +18,11 @@ import anyio
 import uvicorn
 
 from unlockd.config import Settings
+from unlockd.errors import UnlockdError
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Iterator, Mapping
+    from collections.abc import Awaitable, Callable, Iterator, Mapping
 
     from starlette.types import ASGIApp
 
@@ -31,6 +32,7 @@ DEMO_EMAIL = "demo@example.com"
 DEV_DIR = Path(".unlockd-dev")
 DEV_HUB_PORT = 8700
 DEV_SIDECAR_PORT = 8600
+DEV_ARCHIVE_KEY_ID = "images"
 logger = logging.getLogger("unlockd")
 _M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
 _M_MMAP_THRESHOLD = -3
@@ -69,7 +71,7 @@ def dev_command(args: argparse.Namespace) -> int:  # noqa: ARG001 - `unlockd dev
     from unlockd.hub import HubSettings, add_user, create_hub_app  # noqa: PLC0415
 
     base = DEV_DIR.resolve()
-    hub_dir, cache_dir = base / "hub", base / "cache"
+    hub_dir, cache_dir, archive = base / "hub", base / "cache", base / "images.enc"
     hub_dir.mkdir(parents=True, exist_ok=True)
     password = _demo_password(base / "demo-password")
     add_user(hub_dir, DEMO_EMAIL, password, role="publisher")
@@ -82,6 +84,8 @@ def dev_command(args: argparse.Namespace) -> int:  # noqa: ARG001 - `unlockd dev
             port=DEV_SIDECAR_PORT,
             upstream_url=upstream,
             cache_dir=cache_dir,
+            archive=archive,
+            archive_key_id=DEV_ARCHIVE_KEY_ID,
         )
     )
     _configure_logging()
@@ -90,9 +94,36 @@ def dev_command(args: argparse.Namespace) -> int:  # noqa: ARG001 - `unlockd dev
         _Server(_config(hub, "127.0.0.1", DEV_HUB_PORT)),
         _Server(_config(sidecar, "127.0.0.1", DEV_SIDECAR_PORT)),
     ]
-    print(_dev_banner(base, upstream, password), flush=True)  # noqa: T201
-    _run(servers)
+
+    async def setup() -> None:
+        try:
+            await _seal_demo_archive(base, archive, upstream, password)
+        except UnlockdError as exc:
+            logger.warning("could not seal the demo image archive: %s", exc.message)
+        print(_dev_banner(base, upstream, password), flush=True)  # noqa: T201
+
+    _run(servers, setup)
     return 0
+
+
+async def _seal_demo_archive(base: Path, archive: Path, upstream: str, password: str) -> None:
+    """Seal the demo image into ``archive``, its key registered at the dev hub.
+
+    Sealed anew at every start, so the archive and the hub's key always belong together.
+    """
+    from unlockd.demo import demo_image_archive  # noqa: PLC0415
+    from unlockd.seal import SealSource, seal  # noqa: PLC0415
+
+    plain = anyio.Path(base / "demo-image.tar")
+    await plain.write_bytes(demo_image_archive())
+    await seal(
+        SealSource(path=str(plain)),
+        archive,
+        key_id=DEV_ARCHIVE_KEY_ID,
+        upstream=upstream,
+        email=DEMO_EMAIL,
+        password=password,
+    )
 
 
 def _tune_malloc() -> None:
@@ -136,10 +167,10 @@ def _configure_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
-def _run(servers: list[_Server]) -> None:
+def _run(servers: list[_Server], setup: Callable[[], Awaitable[None]] | None = None) -> None:
     # SIGINT and SIGTERM are a clean shutdown (exit 0), as container runtimes expect.
     with asyncio.Runner(loop_factory=servers[0].config.get_loop_factory()) as runner:
-        runner.run(_serve_together(servers))
+        runner.run(_serve_together(servers, setup))
 
 
 class _Server(uvicorn.Server):
@@ -150,7 +181,9 @@ class _Server(uvicorn.Server):
         yield
 
 
-async def _serve_together(servers: list[_Server]) -> None:
+async def _serve_together(
+    servers: list[_Server], setup: Callable[[], Awaitable[None]] | None
+) -> None:
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -165,9 +198,19 @@ async def _serve_together(servers: list[_Server]) -> None:
         async with anyio.create_task_group() as task_group:
             for server in servers:
                 task_group.start_soon(_serve_one, server, servers)
+            if setup is not None:
+                task_group.start_soon(_after_start, servers, setup)
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
+
+
+async def _after_start(servers: list[_Server], setup: Callable[[], Awaitable[None]]) -> None:
+    while not all(server.started for server in servers):
+        if any(server.should_exit for server in servers):
+            return
+        await anyio.sleep(0.02)
+    await setup()
 
 
 async def _serve_one(server: _Server, servers: list[_Server]) -> None:
@@ -209,6 +252,10 @@ def _dev_banner(base: Path, upstream: str, password: str) -> str:
         f"  curl -s -C - -o resumed.bin {sidecar}/resources/models/model.bin",
         "  cmp model.bin resumed.bin",
         f"  curl -s {sidecar}/status; curl -s {sidecar}/metrics | grep unlockd_",
+        "",
+        f"Unlock the demo image archive {base / 'images.enc'} into Docker (DOCKER_HOST):",
+        f"  curl -s -X POST {sidecar}/unlock -H 'Content-Type: application/json' -d {login}",
+        f"  curl -s {sidecar}/unlock/status   # until state is ready: images [unlockd-demo:latest]",
         "",
         "Ctrl-C stops both.",
     ]

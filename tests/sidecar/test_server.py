@@ -12,6 +12,9 @@ import time
 import httpx
 import pytest
 
+from unlock.support import docker_required, engine_client, probe_docker
+from unlockd.demo import DEMO_IMAGE
+
 UNLOCKD = [sys.executable, "-m", "unlockd"]
 
 
@@ -123,11 +126,31 @@ def test_dev_stack_demo_session_works(tmp_path):
             upload = client.post("/upload/model.bin", files={"data": ("model.bin", data)})
             assert upload.status_code == 200
             assert client.post("/load/model.bin").content == data
+            unlocked = _unlock_demo(client, password)
     finally:
         returncode, out, err = stop(process)
     assert returncode == 0, err
+    docker_host, no_docker = probe_docker()
+    if no_docker is None or docker_required():
+        assert unlocked["state"] == "ready", unlocked
+        assert unlocked["images"] == [DEMO_IMAGE]
+        with engine_client(docker_host) as engine:
+            engine.delete(f"/images/{DEMO_IMAGE}", params={"force": "1"})
+    else:
+        assert unlocked["state"] == "error"
+        assert "Docker" in unlocked["error"]
     assert "demo@example.com" in out
     assert password in out
     assert "curl -s -C -" in out
     assert (tmp_path / ".unlockd-dev" / "cache").is_dir()
     assert (tmp_path / ".unlockd-dev" / "hub").is_dir()
+
+
+def _unlock_demo(client: httpx.Client, password: str) -> dict:
+    started = client.post("/unlock", json={"email": "demo@example.com", "password": password})
+    assert started.status_code == 200, started.text
+    deadline = time.monotonic() + 60
+    while (status := client.get("/unlock/status").json())["state"] not in {"ready", "error"}:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+    return status

@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
-import httpx
 import pytest
 
-from unlock.support import PUBLISHER, READER, Engine, build_image_archive, engine_client
-from unlockd.docker import DEFAULT_DOCKER_HOST
+from unlock.support import (
+    PUBLISHER,
+    READER,
+    Engine,
+    docker_required,
+    engine_client,
+    probe_docker,
+)
+from unlockd.demo import build_image_archive
 
 
 @pytest.fixture(scope="session")
 def docker_host() -> str:
     """The engine at DOCKER_HOST; skip without one, fail if UNLOCKD_REQUIRE_DOCKER=1."""
-    host = os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
-    try:
-        if host.startswith("unix://"):
-            # A plain connect first: httpx leaks the socket of a failed unix connect.
-            with socket.socket(socket.AF_UNIX) as sock:
-                sock.connect(host.removeprefix("unix://"))
-        with engine_client(host) as client:
-            client.get("/_ping").raise_for_status()
-    except (httpx.HTTPError, OSError) as exc:
-        reason = f"no Docker engine at {host}: {exc}"
-        if os.environ.get("UNLOCKD_REQUIRE_DOCKER") == "1":
+    host, reason = probe_docker()
+    if reason is not None:
+        if docker_required():
             pytest.fail(reason)
         pytest.skip(reason)
     return host

@@ -1,19 +1,39 @@
-"""Helpers shared by the unlock tests and fixtures: test image archives, engine access."""
+"""Helpers shared by the unlock tests and fixtures: accounts and engine access."""
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import tarfile
-import time
+import os
+import socket
 import urllib.parse
 import uuid
 
 import httpx
 
+from unlockd.demo import IMAGE_LABEL
+from unlockd.docker import DEFAULT_DOCKER_HOST
+
 PUBLISHER = ("publisher@example.com", "publisher-password")
 READER = ("reader@example.com", "reader-password")
+
+
+def probe_docker() -> tuple[str, str | None]:
+    """The engine's address at DOCKER_HOST, and why it cannot be used (None if it can)."""
+    host = os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+    try:
+        if host.startswith("unix://"):
+            # A plain connect first: httpx leaks the socket of a failed unix connect.
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(host.removeprefix("unix://"))
+        with engine_client(host) as client:
+            client.get("/_ping").raise_for_status()
+    except (httpx.HTTPError, OSError) as exc:
+        return host, f"no Docker engine at {host}: {exc}"
+    return host, None
+
+
+def docker_required() -> bool:
+    """CI sets UNLOCKD_REQUIRE_DOCKER=1: a missing engine is then a failure, not a skip."""
+    return os.environ.get("UNLOCKD_REQUIRE_DOCKER") == "1"
 
 
 def engine_client(docker_host: str) -> httpx.Client:
@@ -56,7 +76,7 @@ class Engine:
         return sum(
             1
             for image in response.json()
-            if str((image.get("Labels") or {}).get("unlockd.test", "")).startswith(self.prefix)
+            if str((image.get("Labels") or {}).get(IMAGE_LABEL, "")).startswith(self.prefix)
         )
 
     def load(self, archive: bytes) -> None:
@@ -68,45 +88,3 @@ class Engine:
         for tag in self.tags():
             quoted = urllib.parse.quote(tag, safe="")
             self.client.delete(f"/images/{quoted}", params={"force": "1"})
-
-
-def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)
-    info.size = len(data)
-    info.mtime = int(time.time())
-    tar.addfile(info, io.BytesIO(data))
-
-
-def build_image_archive(images: dict[str, dict[str, bytes]]) -> bytes:
-    """A `docker save` archive (one layer per image) of ``{tag: {path: content}}``."""
-    out = io.BytesIO()
-    manifest = []
-    with tarfile.open(fileobj=out, mode="w", format=tarfile.USTAR_FORMAT) as archive:
-        for tag, files in images.items():
-            layer_buf = io.BytesIO()
-            with tarfile.open(fileobj=layer_buf, mode="w", format=tarfile.USTAR_FORMAT) as layer:
-                for path, content in files.items():
-                    _add(layer, path, content)
-            layer_bytes = layer_buf.getvalue()
-            diff_id = hashlib.sha256(layer_bytes).hexdigest()
-            config = json.dumps(
-                {
-                    "architecture": "amd64",
-                    "os": "linux",
-                    "config": {"Labels": {"unlockd.test": tag}},
-                    "rootfs": {"type": "layers", "diff_ids": [f"sha256:{diff_id}"]},
-                    "history": [{"created_by": "unlockd tests"}],
-                }
-            ).encode()
-            config_id = hashlib.sha256(config).hexdigest()
-            _add(archive, f"{diff_id}/layer.tar", layer_bytes)
-            _add(archive, f"{config_id}.json", config)
-            manifest.append(
-                {
-                    "Config": f"{config_id}.json",
-                    "RepoTags": [tag],
-                    "Layers": [f"{diff_id}/layer.tar"],
-                }
-            )
-        _add(archive, "manifest.json", json.dumps(manifest).encode())
-    return out.getvalue()

@@ -123,7 +123,7 @@ def test_seal_unknown_image_fails_clearly(hub_url, docker_host, tmp_path):
         ("no-input", b"no input"),
         ("both", b"not both"),
         ("missing-input", b"is not a file"),
-        ("hub-down", b"hub unreachable"),
+        ("hub-down", b"upstream unreachable"),
         ("bad-password", b"rejected the credentials"),
         ("not-publisher", b"is not a publisher"),
         ("bad-key-id", b"invalid key id"),
