@@ -1,12 +1,13 @@
 """`python -m bench sidecar`: /load, /upload and /health of a real sidecar vs plain servers.
 
-Runs a hub (``unlockd hub``), a sidecar (``unlockd serve``) and, as the reference, a plain
-Starlette ``FileResponse`` of the same plaintext, each as its own process on loopback; clients
-are curl (C, so the client is not the bottleneck). For a file of ``BENCH_GIB`` GiB (default 1)
-it measures, best of ``--repeat`` runs each:
+Runs a hub (``unlockd hub``), a sidecar (``unlockd serve``) and, as references, nginx (when
+installed; sendfile, the fastest plain server there is) and a plain Starlette ``FileResponse``
+of the same plaintext, each as its own process on loopback; clients are curl (C, so the client
+is not the bottleneck). For a file of ``BENCH_GIB`` GiB (default 1) it measures, best of
+``--repeat`` runs each:
 
 - warm ``/load`` (big part cached) and cold ``/load`` (cache emptied first), as ratios to the
-  plain server's download of the plaintext (targets >= 0.8 and >= 0.5);
+  plain servers' download of the plaintext (targets >= 0.8 and >= 0.5 of nginx);
 - ``/upload`` as a ratio to a plain streaming ``PUT /uploads/{id}`` of the same bytes into the
   hub (target >= 0.5);
 - ``/health`` p99 while 8 warm downloads run (target < 25 ms);
@@ -52,6 +53,27 @@ _PLAIN_SERVER = textwrap.dedent(
     uvicorn.run(app, host="127.0.0.1", port=int(sys.argv[2]), log_level="warning")
     """
 )
+
+
+_NGINX_CONF = """
+daemon off;
+master_process off;
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log;
+events {{ worker_connections 64; }}
+http {{
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    default_type application/octet-stream;
+    client_body_temp_path {work}/nginx-body;
+    server {{
+        listen 127.0.0.1:{port};
+        root {work};
+    }}
+}}
+"""
 
 
 def _free_port() -> int:
@@ -199,11 +221,23 @@ def main(argv: list[str]) -> int:
             "serve", "--port", str(sidecar_port), "--upstream", hub, "--cache-dir", str(cache)
         )
         plain_args = [sys.executable, "-c", _PLAIN_SERVER, str(plain), str(plain_port)]
-        with (
-            _process(hub_args, env, f"{hub}/health", work / "hub.log"),
-            _process(sidecar_args, env, f"{sidecar}/health", sidecar_log) as sidecar_proc,
-            _process(plain_args, env, f"http://127.0.0.1:{plain_port}/", work / "plain.log"),
-        ):
+        nginx_port = _free_port()
+        nginx = shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
+        nginx_url = f"http://127.0.0.1:{nginx_port}/bench.bin"
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_process(hub_args, env, f"{hub}/health", work / "hub.log"))
+            sidecar_proc = stack.enter_context(
+                _process(sidecar_args, env, f"{sidecar}/health", sidecar_log)
+            )
+            stack.enter_context(
+                _process(plain_args, env, f"http://127.0.0.1:{plain_port}/", work / "plain.log")
+            )
+            if nginx is not None:
+                conf = work / "nginx.conf"
+                conf.write_text(_NGINX_CONF.format(work=work, port=nginx_port))
+                stack.enter_context(
+                    _process([nginx, "-c", str(conf)], env, nginx_url, work / "nginx.log")
+                )
             email, password = PUBLISHER
             httpx.post(
                 f"{sidecar}/login", json={"email": email, "password": password}, timeout=60
@@ -219,6 +253,7 @@ def main(argv: list[str]) -> int:
             reference_get = _best(
                 args.repeat, lambda: _curl(f"http://127.0.0.1:{plain_port}/plain")
             )
+            nginx_get = _best(args.repeat, lambda: _curl(nginx_url)) if nginx else None
 
             def cold() -> float:
                 # The fill may still be finishing after the client got its last byte.
@@ -239,10 +274,17 @@ def main(argv: list[str]) -> int:
         def rate(seconds: float) -> str:
             return f"{size / seconds / GIB:6.2f} GiB/s"
 
+        def ratios(seconds: float, target: str) -> str:
+            text = f"{reference_get / seconds:.2f}x FileResponse"
+            if nginx_get is not None:
+                text = f"{nginx_get / seconds:.2f}x nginx ({target}), " + text
+            return text
+
         rows = [
+            ("plain nginx GET", rate(nginx_get) if nginx_get else "not installed", "reference"),
             ("plain FileResponse GET", rate(reference_get), "reference"),
-            ("warm /load", rate(warm_load), f"{reference_get / warm_load:.2f}x (>= 0.8)"),
-            ("cold /load", rate(cold_load), f"{reference_get / cold_load:.2f}x (>= 0.5)"),
+            ("warm /load", rate(warm_load), ratios(warm_load, ">= 0.8")),
+            ("cold /load", rate(cold_load), ratios(cold_load, ">= 0.5")),
             ("plain PUT /uploads (hub)", rate(reference_put), "reference"),
             ("/upload", rate(upload), f"{reference_put / upload:.2f}x (>= 0.5)"),
             ("/health p99, 8 downloads", f"{p99 * 1000:6.1f} ms", "(< 25 ms)"),

@@ -1,6 +1,7 @@
 """The upstream API client: login and token renewal, resources, uploads, keys and blobs.
 
-One :class:`ApiClient` per app, over the app's pooled ``httpx.AsyncClient``. httpx errors
+One :class:`ApiClient` per app, over the app's pooled ``httpx.AsyncClient``; blob bytes come
+from the CDN through :class:`unlockd.cdn.CdnClient`. httpx errors
 and upstream answers are translated into :mod:`unlockd.errors` here. Credentials and
 tokens never appear in logs or error messages.
 """
@@ -12,13 +13,13 @@ import base64
 import binascii
 import contextlib
 import logging
-import random
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import httpx
 
+from unlockd.cdn import CdnClient
 from unlockd.crypto_stream import HEADER_SIZE, KEY_SIZE, SegmentLayout
 from unlockd.errors import (
     CredentialsRejectedError,
@@ -40,9 +41,6 @@ __all__ = ["ApiClient", "ResourceInfo"]
 logger = logging.getLogger(__name__)
 
 _LAYOUT = SegmentLayout()
-_BLOB_ATTEMPTS = 5
-_BLOB_BACKOFF = 0.05  # seconds before the first retry; doubles with each attempt
-_BLOB_BACKOFF_MAX = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,8 +85,9 @@ class ApiClient:
     ) -> None:
         self._http = http
         self._base = httpx.URL(upstream_url.rstrip("/") + "/")
-        self._cdn = httpx.URL(cdn_url) if cdn_url else None
+        self._cdn_url = httpx.URL(cdn_url) if cdn_url else None
         self._metrics = metrics
+        self._cdn = CdnClient(metrics=metrics)
         self._email: str | None = None
         self._password: str | None = None
         self._accepted = False
@@ -272,97 +271,20 @@ class ApiClient:
 
     # -- blobs ---------------------------------------------------------------------
 
-    async def stream_blob(
+    def stream_blob(
         self, url: str, start: int = 0, end: int | None = None
     ) -> AsyncGenerator[bytes, None]:
-        """Yield bytes ``[start, end)`` of the blob at ``url``, resuming with Range on failure.
+        """Yield bytes ``[start, end)`` of the blob at ``url`` (see :meth:`CdnClient.stream`)."""
+        return self._cdn.stream(url, start, end)
 
-        A server that answers 200 to a range request is handled by skipping the bytes
-        before ``start``. The total length is verified.
-        """
-        position = start
-        attempt = 0
-        while end is None or position < end:
-            try:
-                async with contextlib.aclosing(self._blob_attempt(url, position, end)) as chunks:
-                    async for chunk in chunks:
-                        position += len(chunk)
-                        attempt = 0
-                        yield chunk
-            except _RetryableBlobError as exc:
-                attempt += 1
-                self._count("blob")
-                if attempt >= _BLOB_ATTEMPTS:
-                    msg = f"CDN read of {url} failed after {attempt} attempts: {exc}"
-                    raise UpstreamError(msg) from exc
-                delay = min(_BLOB_BACKOFF_MAX, _BLOB_BACKOFF * 2 ** (attempt - 1))
-                delay *= 0.5 + random.random()  # noqa: S311 - jitter, not cryptography
-                logger.warning("CDN read of %s failed (%s); resuming at %d", url, exc, position)
-                await asyncio.sleep(delay)
-            else:
-                return
-
-    async def _blob_attempt(
-        self, url: str, start: int, end: int | None
-    ) -> AsyncGenerator[bytes, None]:
-        headers = {"Accept-Encoding": "identity"}
-        if start > 0 or end is not None:
-            headers["Range"] = f"bytes={start}-{'' if end is None else end - 1}"
-        try:
-            async with self._http.stream("GET", url, headers=headers) as response:
-                skip, expected_end = self._blob_window(response, start, end)
-                position = start
-                async for raw in response.aiter_raw():
-                    chunk = raw
-                    if skip:
-                        dropped = min(skip, len(chunk))
-                        skip -= dropped
-                        chunk = chunk[dropped:]
-                    if expected_end is not None and position + len(chunk) > expected_end:
-                        chunk = chunk[: expected_end - position]
-                    if chunk:
-                        position += len(chunk)
-                        yield chunk
-                    if expected_end is not None and position >= expected_end:
-                        return
-        except httpx.TransportError as exc:
-            raise _RetryableBlobError(type(exc).__name__) from exc
-        if expected_end is not None and position < expected_end:
-            msg = f"body ended at byte {position} of {expected_end}"
-            raise _RetryableBlobError(msg)
-
-    def _blob_window(
-        self, response: httpx.Response, start: int, end: int | None
-    ) -> tuple[int, int | None]:
-        """Return (bytes to skip, expected end offset) for a blob answer, or raise."""
-        status = response.status_code
-        if status >= 500:
-            msg = f"CDN answered {status}"
-            raise _RetryableBlobError(msg)
-        if status == 206:
-            first, total = _content_range(response.headers.get("Content-Range"))
-            if first != start:
-                raise self._invalid("CDN answered a different range than asked")
-            return 0, end if end is not None else total
-        if status == 200:
-            length = response.headers.get("Content-Length")
-            total = int(length) if length is not None and length.isdigit() else None
-            if end is None:
-                end = total
-            if total is not None and end is not None and end > total:
-                msg_0 = f"CDN blob has {total} bytes, expected at least {end}"
-                raise self._invalid(msg_0)
-            return start, end
-        if status == 416:
-            raise self._invalid("CDN blob is shorter than the resource says")
-        self._check_status(response, "blob")
-        msg_0 = f"CDN answered {status}"
-        raise self._invalid(msg_0)
+    async def aclose(self) -> None:
+        """Close the CDN connection pool (the httpx client belongs to the caller)."""
+        await self._cdn.aclose()
 
     def _blob_url(self, big_url: str) -> str:
         url = self._base.join(big_url)
-        if self._cdn is not None:
-            url = url.copy_with(scheme=self._cdn.scheme, host=self._cdn.host, port=self._cdn.port)
+        if (cdn := self._cdn_url) is not None:
+            url = url.copy_with(scheme=cdn.scheme, host=cdn.host, port=cdn.port)
         return str(url)
 
     # -- plumbing ------------------------------------------------------------------
@@ -423,10 +345,6 @@ class ApiClient:
             self._metrics.upstream_errors.labels(kind=kind).inc()
 
 
-class _RetryableBlobError(Exception):
-    """A CDN read that failed in a way a retry may fix."""
-
-
 def _json_object(response: httpx.Response) -> dict[str, Any]:
     try:
         data = response.json()
@@ -437,14 +355,3 @@ def _json_object(response: httpx.Response) -> dict[str, Any]:
         msg = f"upstream answered a non-object to {response.request.url.path}"
         raise InvalidUpstreamDataError(msg)
     return data
-
-
-def _content_range(value: str | None) -> tuple[int, int | None]:
-    """Parse ``bytes a-b/total`` into (a, total or None)."""
-    unit, _, spec = (value or "").partition(" ")
-    first, _, rest = spec.partition("-")
-    total = rest.partition("/")[2]
-    if unit != "bytes" or not first.isdigit():
-        msg = f"CDN answered an invalid Content-Range {value!r}"
-        raise InvalidUpstreamDataError(msg)
-    return int(first), int(total) if total.isdigit() else None

@@ -94,6 +94,7 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         finally:
             with anyio.CancelScope(shield=True):
                 await docker.close()
+                await api.aclose()
 
 
 async def _unlockd_error(request: Request, exc: Exception) -> JSONResponse:

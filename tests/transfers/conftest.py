@@ -32,3 +32,4 @@ async def sidecar(hub, tmp_path):
             yield Sidecar(api, cache, Transfers(api, cache, metrics), metrics, cache_dir)
         finally:
             await cache.aclose()
+            await api.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import anyio
@@ -128,9 +129,10 @@ async def test_api_client_cdn_url_replaces_host(sidecar, hub):
     port = hub.url.rsplit(":", 1)[1]
     async with httpx.AsyncClient() as http:
         api = ApiClient(http, hub.url, cdn_url=f"http://localhost:{port}")
-        await api.login(EMAIL, PASSWORD)
-        other = await api.get_resource("models", "m.bin")
-        assert other.big_url == f"http://localhost:{port}/blobs/{info.etag}"
-        blob = b"".join([c async for c in api.stream_blob(other.big_url)])
+        async with contextlib.aclosing(api):
+            await api.login(EMAIL, PASSWORD)
+            other = await api.get_resource("models", "m.bin")
+            assert other.big_url == f"http://localhost:{port}/blobs/{info.etag}"
+            blob = b"".join([c async for c in api.stream_blob(other.big_url)])
     assert len(blob) == info.big_size
     assert repr(info).find("key=") == -1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import anyio
@@ -57,8 +58,13 @@ async def test_download_with_task_group_cache_shares_and_cleans_up(hub, tmp_path
     """A cache owning its downloads in a task group shares them and leaves no temp files."""
     data = random_bytes(5 * PS)
     metrics = Metrics()
-    async with httpx.AsyncClient(timeout=30) as http, anyio.create_task_group() as tg:
+    async with (
+        contextlib.AsyncExitStack() as stack,
+        httpx.AsyncClient(timeout=30) as http,
+        anyio.create_task_group() as tg,
+    ):
         api = ApiClient(http, hub.url, metrics=metrics)
+        await stack.enter_async_context(contextlib.aclosing(api))
         await api.login(EMAIL, PASSWORD)
         cache = BigPartCache(tmp_path / "cache", metrics, task_group=tg)
         transfers = Transfers(api, cache, metrics)
@@ -92,9 +98,10 @@ async def test_stream_blob_cdn_down_gives_up_with_upstream_error():
     """An unreachable CDN is retried a few times with backoff, then UpstreamError."""
     async with httpx.AsyncClient(timeout=5) as http:
         api = ApiClient(http, "http://127.0.0.1:9")
-        with anyio.fail_after(10), pytest.raises(UpstreamError, match="5 attempts"):
-            async for _ in api.stream_blob("http://127.0.0.1:9/blobs/x", 0, 10):
-                pass
+        async with contextlib.aclosing(api):
+            with anyio.fail_after(10), pytest.raises(UpstreamError, match="5 attempts"):
+                async for _ in api.stream_blob("http://127.0.0.1:9/blobs/x", 0, 10):
+                    pass
 
 
 async def _once(data: bytes):
