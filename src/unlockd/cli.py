@@ -75,20 +75,27 @@ def _decrypt(args: argparse.Namespace) -> int:
 
 
 def _add_hub_serve_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--host", help="bind address (UNLOCKD_HUB_HOST, default 127.0.0.1)")
+    p.add_argument(
+        "--host", metavar="ADDR", help="bind address (UNLOCKD_HUB_HOST, default 127.0.0.1)"
+    )
     p.add_argument("--port", type=int, help="bind port (UNLOCKD_HUB_PORT, default 8700)")
     p.add_argument(
         "--data-dir",
+        metavar="DIR",
         help="SQLite database and blobs (UNLOCKD_HUB_DATA_DIR, default "
         "$XDG_DATA_HOME/unlockd/hub, i.e. ~/.local/share/unlockd/hub)",
     )
     p.add_argument(
-        "--token-ttl", type=int, help="token lifetime in seconds (UNLOCKD_HUB_TOKEN_TTL, 3600)"
+        "--token-ttl",
+        type=int,
+        metavar="SECONDS",
+        help="token lifetime (UNLOCKD_HUB_TOKEN_TTL, default 3600)",
     )
     p.add_argument(
         "--upload-ttl",
         type=int,
-        help="seconds an unpublished upload is kept (UNLOCKD_HUB_UPLOAD_TTL, 3600)",
+        metavar="SECONDS",
+        help="how long an unpublished upload is kept (UNLOCKD_HUB_UPLOAD_TTL, default 3600)",
     )
 
 
@@ -102,17 +109,35 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser("serve", help="run the sidecar (default 127.0.0.1:8600)")
-    p.add_argument("--host", help="bind address (UNLOCKD_HOST, default 127.0.0.1)")
+    p.add_argument("--host", metavar="ADDR", help="bind address (UNLOCKD_HOST, default 127.0.0.1)")
     p.add_argument("--port", type=int, help="bind port (UNLOCKD_PORT, default 8600)")
-    p.add_argument("--upstream", help="upstream API URL (UNLOCKD_UPSTREAM_URL)")
-    p.add_argument("--cdn", help="replaces scheme://host:port of big-part URLs (UNLOCKD_CDN_URL)")
-    p.add_argument("--cache-dir", help="model cache directory (UNLOCKD_CACHE_DIR)")
-    p.add_argument("--archive", help="encrypted image archive to unlock (UNLOCKD_ARCHIVE)")
     p.add_argument(
-        "--archive-key-id", help="upstream key id of the archive (UNLOCKD_ARCHIVE_KEY_ID, images)"
+        "--upstream",
+        metavar="URL",
+        help="upstream API URL (UNLOCKD_UPSTREAM_URL, default http://127.0.0.1:8700)",
     )
     p.add_argument(
-        "--api-token", help="require 'Authorization: Bearer TOKEN' locally (UNLOCKD_API_TOKEN)"
+        "--cdn",
+        metavar="URL",
+        help="replaces scheme://host:port of big-part URLs (UNLOCKD_CDN_URL)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="model cache directory (UNLOCKD_CACHE_DIR, default ~/.cache/unlockd/models)",
+    )
+    p.add_argument(
+        "--archive", metavar="PATH", help="encrypted image archive to unlock (UNLOCKD_ARCHIVE)"
+    )
+    p.add_argument(
+        "--archive-key-id",
+        metavar="ID",
+        help="upstream key id of the archive (UNLOCKD_ARCHIVE_KEY_ID, default images)",
+    )
+    p.add_argument(
+        "--api-token",
+        metavar="TOKEN",
+        help="require 'Authorization: Bearer TOKEN' locally (UNLOCKD_API_TOKEN)",
     )
     p.set_defaults(func=_serve)
 
@@ -122,7 +147,9 @@ def _build_parser() -> argparse.ArgumentParser:
     add_user = hub_sub.add_parser(
         "add-user", help="create or update an account (password from UNLOCKD_PASSWORD or prompt)"
     )
-    add_user.add_argument("--data-dir", required=True, help="the hub's data directory")
+    add_user.add_argument(
+        "--data-dir", metavar="DIR", required=True, help="the hub's data directory"
+    )
     add_user.add_argument("--email", required=True)
     add_user.add_argument("--role", choices=["reader", "publisher"], default="reader")
     p.set_defaults(func=_hub)
@@ -136,8 +163,10 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--image", action="append", default=[], metavar="NAME:TAG", help="export from the engine"
     )
-    p.add_argument("--key-id", required=True, help="register the archive key under this id")
-    p.add_argument("--upstream", required=True, help="the hub's URL")
+    p.add_argument(
+        "--key-id", metavar="ID", required=True, help="register the archive key under this id"
+    )
+    p.add_argument("--upstream", metavar="URL", required=True, help="the upstream (hub) URL")
     p.add_argument(
         "--email", required=True, help="a publisher account (password: UNLOCKD_PASSWORD)"
     )
