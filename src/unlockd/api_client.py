@@ -19,11 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import httpx
 
-from unlockd.cdn import CdnClient
+from unlockd.cdn import CdnClient, UpstreamErrors
 from unlockd.crypto_stream import HEADER_SIZE, KEY_SIZE, SegmentLayout
 from unlockd.errors import (
     CredentialsRejectedError,
     ForbiddenError,
+    InvalidInputError,
     InvalidUpstreamDataError,
     NotAuthenticatedError,
     NotFoundError,
@@ -41,6 +42,9 @@ __all__ = ["ApiClient", "ResourceInfo"]
 logger = logging.getLogger(__name__)
 
 _LAYOUT = SegmentLayout()
+# Idempotent GETs (resources, keys) ride out a blip: a transport error or a 5xx is retried.
+_GET_ATTEMPTS = 3
+_GET_BACKOFF = 0.1  # seconds before the first retry; doubles with each attempt
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +90,13 @@ class ApiClient:
         self._http = http
         self._base = httpx.URL(upstream_url.rstrip("/") + "/")
         self._cdn_url = httpx.URL(cdn_url) if cdn_url else None
-        self._metrics = metrics
+        self._errors = UpstreamErrors(metrics)
         self._cdn = CdnClient(metrics=metrics)
         self._email: str | None = None
         self._password: str | None = None
         self._accepted = False
         self._token: str | None = None
+        self._role: str | None = None
         self._expires_at = 0.0
         # Bumped by every successful login: a request that got a 401 with the token of
         # generation g only logs in again if nobody has done so since g.
@@ -103,20 +108,24 @@ class ApiClient:
         return self._email
 
     @property
+    def role(self) -> str | None:
+        """The role the upstream named at the last login (``reader``/``publisher``), if any."""
+        return self._role
+
+    @property
     def authenticated(self) -> bool:
         return self._email is not None and self._accepted
 
     # -- authentication ------------------------------------------------------------
 
     async def login(self, email: str, password: str) -> None:
-        """Verify the credentials at the upstream, then keep them and the token."""
+        """Verify the credentials at the upstream, then keep them and the token.
+
+        A login that fails for any reason changes nothing: the credentials and token of an
+        earlier successful login stay in use.
+        """
         async with self._lock:
-            try:
-                await self._login(email, password)
-            except CredentialsRejectedError:
-                self._email = self._password = self._token = None
-                self._accepted = False
-                raise
+            await self._login(email, password)
             self._email, self._password = email, password
 
     async def _login(self, email: str, password: str) -> None:
@@ -124,21 +133,23 @@ class ApiClient:
             "POST", "auth/login", json={"email": email, "password": password}, kind="login"
         )
         if response.status_code == 401:
-            self._accepted = False
             raise CredentialsRejectedError("upstream rejected the credentials")
         self._check_status(response, "login")
         data = _json_object(response)
         token, expires_in = data.get("token"), data.get("expires_in")
         if not isinstance(token, str) or not token:
-            raise self._invalid("login answer has no token")
+            raise self._errors.invalid("upstream login answer has no token")
         if not isinstance(expires_in, int | float) or isinstance(expires_in, bool):
-            raise self._invalid("login answer has no expires_in")
+            raise self._errors.invalid("upstream login answer has no expires_in")
         # Renew a little early so a token does not expire in flight.
         margin = min(30.0, expires_in / 10)
         self._token = token
         self._expires_at = time.monotonic() + expires_in - margin
         self._generation += 1
         self._accepted = True
+        # An optional extension of the protocol (docs/upstream-api.md); None if not named.
+        role = data.get("role")
+        self._role = role if isinstance(role, str) else None
 
     async def _valid_token(self, stale_generation: int | None = None) -> tuple[str, int]:
         """Return a token and its generation, logging in once if it is missing or stale."""
@@ -157,7 +168,11 @@ class ApiClient:
             if not fresh:
                 if self._email is None or self._password is None:
                     raise NotAuthenticatedError("not logged in: POST /login first")
-                await self._login(self._email, self._password)
+                try:
+                    await self._login(self._email, self._password)
+                except CredentialsRejectedError:
+                    self._accepted = False  # the stored credentials stopped working
+                    raise
             assert self._token is not None
             return self._token, self._generation
 
@@ -170,14 +185,17 @@ class ApiClient:
         json: Any = None,
         content: AsyncIterable[bytes] | None = None,
     ) -> httpx.Response:
+        retry = method == "GET"  # idempotent and bodiless: safe to send again after a blip
         token, generation = await self._valid_token()
         response = await self._send(
-            method, path, kind=kind, json=json, content=content, token=token
+            method, path, kind=kind, json=json, content=content, token=token, retry=retry
         )
         # A consumed request stream cannot be sent again, so only JSON requests retry.
         if response.status_code == 401 and content is None:
             token, generation = await self._valid_token(stale_generation=generation)
-            response = await self._send(method, path, kind=kind, json=json, token=token)
+            response = await self._send(
+                method, path, kind=kind, json=json, token=token, retry=retry
+            )
         if response.status_code == 401:
             raise CredentialsRejectedError("upstream rejected the session")
         self._check_status(response, kind)
@@ -196,15 +214,15 @@ class ApiClient:
         data = _json_object(response)
         key = self._b64(data.get("key"), "key")
         if len(key) != KEY_SIZE:
-            raise self._invalid("resource key is not 32 bytes")
+            raise self._errors.invalid("upstream resource key is not 32 bytes")
         small = self._b64(data.get("small"), "small")
         big_size, etag, big_url = data.get("big_size"), data.get("etag"), data.get("big_url")
         if not isinstance(big_size, int) or isinstance(big_size, bool) or big_size < 0:
-            raise self._invalid("resource big_size is not a non-negative integer")
+            raise self._errors.invalid("upstream resource big_size is not a non-negative integer")
         if not isinstance(etag, str) or not etag:
-            raise self._invalid("resource etag is missing")
+            raise self._errors.invalid("upstream resource etag is missing")
         if not isinstance(big_url, str) or not big_url:
-            raise self._invalid("resource big_url is missing")
+            raise self._errors.invalid("upstream resource big_url is missing")
         info = ResourceInfo(
             folder=folder,
             name=name,
@@ -215,11 +233,12 @@ class ApiClient:
             big_url=self._blob_url(big_url),
         )
         if len(small) < HEADER_SIZE:
-            raise self._invalid("resource small part is shorter than a ciphertext header")
+            raise self._errors.invalid("upstream resource small part is shorter than a header")
         try:
             info.plaintext_size  # noqa: B018 - validates the length
         except TruncatedCiphertextError:
-            raise self._invalid("resource size is not a possible ciphertext length") from None
+            msg = "upstream resource size is not a possible ciphertext length"
+            raise self._errors.invalid(msg) from None
         return info
 
     async def create_upload(self) -> str:
@@ -227,7 +246,7 @@ class ApiClient:
         response = await self._authed("POST", "uploads", kind="upload")
         upload_id = _json_object(response).get("upload_id")
         if not isinstance(upload_id, str) or not upload_id or "/" in upload_id:
-            raise self._invalid("upload answer has no valid upload_id")
+            raise self._errors.invalid("upstream upload answer has no valid upload_id")
         return upload_id
 
     async def put_upload(self, upload_id: str, body: AsyncIterable[bytes]) -> None:
@@ -253,7 +272,7 @@ class ApiClient:
         )
         etag = _json_object(response).get("etag")
         if not isinstance(etag, str) or not etag:
-            raise self._invalid("publish answer has no etag")
+            raise self._errors.invalid("upstream publish answer has no etag")
         return etag
 
     async def get_key(self, key_id: str) -> bytes:
@@ -261,7 +280,7 @@ class ApiClient:
         response = await self._authed("GET", f"keys/{key_id}", kind="key")
         key = self._b64(_json_object(response).get("key"), "key")
         if len(key) != KEY_SIZE:
-            raise self._invalid("key is not 32 bytes")
+            raise self._errors.invalid("upstream key is not 32 bytes")
         return key
 
     async def put_key(self, key_id: str, key: bytes) -> None:
@@ -298,18 +317,37 @@ class ApiClient:
         json: Any = None,
         content: AsyncIterable[bytes] | None = None,
         token: str | None = None,
+        retry: bool = False,
     ) -> httpx.Response:
+        """Send one request; with ``retry``, transport errors and 5xx are tried again."""
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
         if content is not None:
             headers["Content-Type"] = "application/octet-stream"
-        try:
-            return await self._http.request(
-                method, self._base.join(path), json=json, content=content, headers=headers
-            )
-        except httpx.TransportError as exc:
-            self._count(kind)
-            msg = f"upstream unreachable ({type(exc).__name__}) at {method} /{path}"
-            raise UpstreamError(msg) from exc
+        # Never for a login, an upload or a publish (not idempotent, or a consumed stream),
+        # nor for the health check, which should report the present.
+        attempts = _GET_ATTEMPTS if retry else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                response = await self._http.request(
+                    method, self._base.join(path), json=json, content=content, headers=headers
+                )
+            except httpx.TransportError as exc:
+                if attempt < attempts:
+                    await self._backoff(attempt, method, path, type(exc).__name__)
+                    continue
+                self._errors.count(kind)
+                msg = f"upstream unreachable ({type(exc).__name__}) at {method} /{path}"
+                raise UpstreamError(msg) from exc
+            if response.status_code >= 500 and attempt < attempts:
+                await self._backoff(attempt, method, path, f"status {response.status_code}")
+                continue
+            return response
+        raise AssertionError  # pragma: no cover - the loop returns or raises
+
+    @staticmethod
+    async def _backoff(attempt: int, method: str, path: str, reason: str) -> None:
+        logger.warning("upstream %s /%s failed (%s); retrying", method, path, reason)
+        await asyncio.sleep(_GET_BACKOFF * 2 ** (attempt - 1))
 
     def _check_status(self, response: httpx.Response, kind: str) -> None:
         status = response.status_code
@@ -322,27 +360,26 @@ class ApiClient:
         if status == 404:
             msg = f"not found upstream: {path}"
             raise NotFoundError(msg)
-        self._count(kind)
+        if status == 422:
+            # The upstream refused what we passed on (e.g. an over-long email): the caller's
+            # input, not an upstream failure.
+            msg = f"upstream refused the input of {response.request.method} {path}"
+            if detail := _detail(response):
+                msg = f"{msg}: {detail}"
+            raise InvalidInputError(msg)
+        self._errors.count(kind)
         msg = f"upstream answered {status} to {response.request.method} {path}"
         raise UpstreamError(msg)
 
     def _b64(self, value: object, field: str) -> bytes:
         if not isinstance(value, str):
             msg = f"upstream field {field!r} is missing"
-            raise self._invalid(msg)
+            raise self._errors.invalid(msg)
         try:
             return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             msg = f"upstream field {field!r} is not base64"
-            raise self._invalid(msg) from None
-
-    def _invalid(self, msg: str) -> InvalidUpstreamDataError:
-        self._count("invalid")
-        return InvalidUpstreamDataError(msg)
-
-    def _count(self, kind: str) -> None:
-        if self._metrics is not None:
-            self._metrics.upstream_errors.labels(kind=kind).inc()
+            raise self._errors.invalid(msg) from None
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any]:
@@ -355,3 +392,14 @@ def _json_object(response: httpx.Response) -> dict[str, Any]:
         msg = f"upstream answered a non-object to {response.request.url.path}"
         raise InvalidUpstreamDataError(msg)
     return data
+
+
+def _detail(response: httpx.Response) -> str:
+    """The upstream's ``{"detail": ...}`` message, shortened and printable, or ""."""
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        return ""
+    if not isinstance(detail, str):
+        return ""
+    return "".join(c if c.isprintable() else "?" for c in detail[:200])

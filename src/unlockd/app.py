@@ -11,14 +11,12 @@ from typing import TYPE_CHECKING, Any
 import anyio
 import httpx
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.responses import JSONResponse
 
 from unlockd.api_client import ApiClient
 from unlockd.cache import BigPartCache
 from unlockd.docker import DockerLoader
-from unlockd.errors import RangeNotSatisfiableError, UnlockdError
+from unlockd.httputil import json_exception_handlers
 from unlockd.metrics import Metrics
 from unlockd.routes import routes
 from unlockd.transfers import Transfers
@@ -27,7 +25,6 @@ from unlockd.unlock import UnlockManager
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Callable
 
-    from starlette.requests import Request
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
     from unlockd.config import Settings
@@ -49,13 +46,11 @@ def create_app(settings: Settings) -> Starlette:
             Middleware(RequestMetricsMiddleware),
             Middleware(TokenAuthMiddleware, token=settings.api_token),
         ],
-        exception_handlers={
-            UnlockdError: _unlockd_error,
-            HTTPException: _http_error,
-            Exception: _server_error,
-        },
+        exception_handlers=json_exception_handlers(logger),
         lifespan=_lifespan,
     )
+    # A trailing or encoded "/" names no resource: 404, not a redirect to a different path.
+    app.router.redirect_slashes = False
     app.state.settings = settings
     return app
 
@@ -97,39 +92,21 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
                 await api.aclose()
 
 
-async def _unlockd_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, UnlockdError)
-    headers = {}
-    if isinstance(exc, RangeNotSatisfiableError):
-        headers["Content-Range"] = f"bytes */{exc.size}"
-    if exc.status_code >= 500:
-        logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
-    return JSONResponse({"detail": exc.message}, status_code=exc.status_code, headers=headers)
-
-
-async def _http_error(request: Request, exc: Exception) -> JSONResponse:  # noqa: ARG001
-    assert isinstance(exc, HTTPException)
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-
-
-async def _server_error(request: Request, exc: Exception) -> JSONResponse:  # noqa: ARG001
-    # Starlette logs and re-raises after this response; the body tells nothing internal.
-    return JSONResponse({"detail": "Internal Server Error"}, status_code=500)
-
-
 class TokenAuthMiddleware:
     """Require ``Authorization: Bearer <token>`` on every endpoint but /health, if configured."""
 
     def __init__(self, app: ASGIApp, token: str | None) -> None:
         self.app = app
-        self.expected = None if token is None else f"Bearer {token}".encode()
+        self.expected = None if token is None else token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self.expected is None or scope["type"] != "http" or scope["path"] == "/health":
             await self.app(scope, receive, send)
             return
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")
-        if hmac.compare_digest(given, self.expected):
+        # The scheme is case-insensitive (RFC 9110 §11.1); the token is compared as given.
+        scheme, _, token = given.strip().partition(b" ")
+        if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected):
             await self.app(scope, receive, send)
             return
         body = json.dumps({"detail": "missing or wrong local API token"}).encode()

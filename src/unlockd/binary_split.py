@@ -1,14 +1,13 @@
-"""Small part / big part of a ciphertext: split a stream, map ranges, join them back.
+"""Small part / big part of a ciphertext: split a stream in two.
 
 The small part is the first ``min(S, L)`` bytes of a ciphertext of ``L`` bytes and stays
-with the authenticated upstream API; the big part is the rest and lives on the CDN. Joining
-is concatenation, so a ciphertext range maps to at most one slice of each part.
+with the authenticated upstream API; the big part is the rest and lives on the CDN. The
+ciphertext is their concatenation.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from unlockd.crypto_stream import HEADER_SIZE
@@ -16,7 +15,7 @@ from unlockd.crypto_stream import HEADER_SIZE
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable, AsyncIterator
 
-__all__ = ["DEFAULT_SMALL_SIZE", "PartRanges", "check_small_size", "join", "map_range", "split"]
+__all__ = ["DEFAULT_SMALL_SIZE", "check_small_size", "split"]
 
 DEFAULT_SMALL_SIZE = 4096
 
@@ -61,32 +60,3 @@ async def _chain(first: bytes, iterator: AsyncIterator[bytes]) -> AsyncIterator[
         # Close the source with us, so an abandoned upload lets go of the client's body.
         if isinstance(iterator, AsyncGenerator):
             await iterator.aclose()
-
-
-@dataclass(frozen=True, slots=True)
-class PartRanges:
-    """Where a ciphertext range ``[start, end)`` lies in the small and the big part."""
-
-    small: tuple[int, int] | None  # slice of the small part, or None
-    big: tuple[int, int] | None  # offsets in the big part, or None
-
-
-def map_range(start: int, end: int, small_size: int) -> PartRanges:
-    """Map the ciphertext range ``[start, end)`` onto the parts (``small_size`` = len(small))."""
-    if not 0 <= start <= end:
-        msg = f"invalid range [{start}, {end})"
-        raise ValueError(msg)
-    small = (start, min(end, small_size)) if start < small_size and start < end else None
-    big_start = max(start, small_size) - small_size
-    big_end = end - small_size
-    big = (big_start, big_end) if big_end > big_start else None
-    return PartRanges(small=small, big=big)
-
-
-async def join(small: bytes, big: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
-    """Yield the ciphertext: the small part, then every chunk of the big part."""
-    if small:
-        yield small
-    async for chunk in big:
-        if chunk:
-            yield chunk

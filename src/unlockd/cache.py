@@ -23,19 +23,15 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import AsyncGenerator, Callable
-from typing import TYPE_CHECKING, Protocol
+from collections.abc import AsyncGenerator, Callable, Coroutine
+from typing import TYPE_CHECKING, Any, Protocol
 
 import anyio
 
 from unlockd.errors import TruncatedCiphertextError, UpstreamError
 
 if TYPE_CHECKING:
-    from collections.abc import Coroutine
     from pathlib import Path
-    from typing import Any
-
-    from anyio.abc import TaskGroup
 
     from unlockd.metrics import Metrics
 
@@ -58,7 +54,7 @@ _AHEAD = 64 << 20  # a read this far beyond a download's progress goes to the CD
 class BigPartReader(Protocol):
     """Random-access reads of one big part, whatever it comes from."""
 
-    source: str  # "cache", "download" or "cdn", for logs
+    source: str  # "cache", "download" or "cdn" (where the bytes come from now), for logs
 
     async def readinto(self, view: memoryview, offset: int) -> None:
         """Fill ``view`` with the big-part bytes at ``offset``."""
@@ -70,12 +66,9 @@ class BigPartReader(Protocol):
 class BigPartCache:
     """A directory of ciphertext big parts with shared, cancellable downloads."""
 
-    def __init__(
-        self, directory: Path, metrics: Metrics, *, task_group: TaskGroup | None = None
-    ) -> None:
+    def __init__(self, directory: Path, metrics: Metrics) -> None:
         self.directory = directory
         self._metrics = metrics
-        self._task_group = task_group
         self._tasks: set[asyncio.Task[None]] = set()
         self._fetches: dict[str, _Fetch] = {}
         directory.mkdir(parents=True, exist_ok=True)
@@ -99,12 +92,21 @@ class BigPartCache:
             return False
         return True
 
-    def evict(self, etag: str) -> None:
-        """Drop the entry for ``etag``, and keep an unfinished download from publishing it."""
+    async def evict(self, etag: str) -> None:
+        """Drop the entry for ``etag``, and keep an unfinished download from publishing it.
+
+        Best effort: an entry that cannot be removed is logged, and the next read of it
+        fails over to the CDN again.
+        """
         if (fetch := self._fetches.get(etag)) is not None:
             fetch.poisoned = True
-        with contextlib.suppress(FileNotFoundError):
-            self.path(etag).unlink()
+        await self._discard(etag)
+
+    async def _discard(self, etag: str) -> None:
+        try:
+            await _remove(self.path(etag))
+        except OSError as exc:
+            logger.warning("cannot remove cache entry %s: %s", etag, exc.strerror or exc)
 
     async def open(
         self, etag: str, size: int, fetch: FetchFunction, start: int = 0
@@ -115,22 +117,17 @@ class BigPartCache:
         or straight from the CDN when the cache cannot help (a read far into an entry that is
         not being downloaded, or a cache directory that cannot be written).
         """
-        try:
-            fd = os.open(self.path(etag), os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            logger.warning("cannot read cache entry %s: %s", etag, exc.strerror)
-        else:
-            if os.fstat(fd).st_size == size:
-                self._metrics.cache_hits.inc()
-                return _FileReader(fd)
-            os.close(fd)
-            logger.warning("cache entry %s has the wrong size; evicting it", etag)
-            self.evict(etag)
-        existing = self._fetches.get(etag)
-        if existing is not None and existing.size == size and start <= existing.received + _AHEAD:
+        if (reader := await self._open_entry(etag, size, fetch)) is not None:
             self._metrics.cache_hits.inc()
+            return reader
+        existing = self._fetches.get(etag)
+        if (
+            existing is not None
+            and not existing.poisoned
+            and existing.size == size
+            and start <= existing.received + _AHEAD
+        ):
+            # Neither a hit nor a miss of the disk cache: the download was counted as a miss.
             return existing.attach()
         self._metrics.cache_misses.inc()
         if existing is not None or start > _AHEAD:
@@ -142,6 +139,29 @@ class BigPartCache:
             return _StreamReader(fetch, size)
         return started.attach()
 
+    async def _open_entry(self, etag: str, size: int, fetch: FetchFunction) -> BigPartReader | None:
+        """A reader of the published entry, or None if there is no usable one."""
+        try:
+            fd = os.open(self.path(etag), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            logger.warning("cannot read cache entry %s: %s", etag, exc.strerror)
+            return None
+        try:
+            actual = os.fstat(fd).st_size
+        except OSError as exc:
+            actual = None
+            logger.warning("cannot stat cache entry %s: %s", etag, exc.strerror)
+        if actual == size:
+            return _FileReader(self, etag, fetch, size, fd)
+        os.close(fd)
+        if actual is not None:
+            logger.warning("cache entry %s has the wrong size; removing it", etag)
+        # Only the file: a download of the same etag in progress is not to blame.
+        await self._discard(etag)
+        return None
+
     def _start(self, etag: str, size: int, fetch: FetchFunction) -> _Fetch:
         final = self.path(etag)
         temp = final.with_name(f".{final.name}.{secrets.token_hex(6)}{_TEMP_SUFFIX}")
@@ -152,9 +172,7 @@ class BigPartCache:
         return entry
 
     def _spawn(self, function: Callable[[], Coroutine[Any, Any, None]]) -> None:
-        if self._task_group is not None:
-            self._task_group.start_soon(function)
-            return
+        # The download belongs to the cache, not to the request that started it.
         task = asyncio.get_running_loop().create_task(function())
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -220,19 +238,25 @@ class _Fetch:
                         await self._receive_all()
                     await anyio.to_thread.run_sync(os.fsync, self.fd)
                     if not self.poisoned:
-                        self.temp.replace(self.final)
+                        await anyio.to_thread.run_sync(self.temp.replace, self.final)
                         published = True
+                        await self._unpublish_if_poisoned()
                 except Exception as exc:  # noqa: BLE001 - stored for the readers, who raise it
                     self._fail(_leaf(exc))
         finally:
             self.cache._forget(self)  # noqa: SLF001 - the cache's own helper
             os.close(self.fd)
-            if not published:
-                with contextlib.suppress(FileNotFoundError):
-                    self.temp.unlink()
             if self.error is None and self.received < self.size:
                 self.error = UpstreamError("download of the big part was cancelled")
             self._notify()
+            if not published:
+                with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
+                    await _remove(self.temp)
+
+    async def _unpublish_if_poisoned(self) -> None:
+        # evict() may have run while the rename was in a thread: its unlink came too early.
+        if self.poisoned:
+            await _remove(self.final)
 
     async def _receive_all(self) -> None:
         announced = 0
@@ -340,29 +364,55 @@ class _Fetch:
 
 
 class _FileReader:
-    """Reads of a published entry (or a temp file) with positional reads off the loop."""
+    """Reads of a published entry with positional reads off the loop; the CDN if it breaks."""
 
-    source = "cache"
-
-    def __init__(self, fd: int) -> None:
+    def __init__(
+        self, cache: BigPartCache, etag: str, fetch: FetchFunction, size: int, fd: int
+    ) -> None:
+        self.source = "cache"
+        self._cache = cache
+        self._etag = etag
+        self._fetch = fetch
+        self._size = size
         self._fd: int | None = fd
+        self._fallback: _StreamReader | None = None
 
     async def readinto(self, view: memoryview, offset: int) -> None:
-        assert self._fd is not None
-        await _pread_exact(self._fd, view, offset)
+        if self._fallback is None:
+            assert self._fd is not None
+            try:
+                await _pread_exact(self._fd, view, offset)
+            except OSError as exc:
+                # A bad disk: the entry cannot be trusted to be read again; the CDN can.
+                logger.warning(
+                    "cannot read cache entry %s (%s); evicting it, streaming from the CDN",
+                    self._etag,
+                    exc.strerror or exc,
+                )
+                self._close_file()
+                await self._cache.evict(self._etag)
+                self._fallback = _StreamReader(self._fetch, self._size)
+                self.source = "cdn"
+            else:
+                return
+        await self._fallback.readinto(view, offset)
 
-    async def aclose(self) -> None:
+    def _close_file(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
+
+    async def aclose(self) -> None:
+        self._close_file()
+        if self._fallback is not None:
+            await self._fallback.aclose()
 
 
 class _FetchReader:
     """Reads of an entry being downloaded: from memory, the temp file, or waiting."""
 
-    source = "download"
-
     def __init__(self, fetch: _Fetch, fd: int) -> None:
+        self.source = "download"
         self._fetch: _Fetch | None = fetch
         self._fd: int | None = fd
         self._fallback: _StreamReader | None = None
@@ -381,19 +431,30 @@ class _FetchReader:
                 done += n
             elif position < fetch.written:
                 n = min(len(view) - done, fetch.written - position)
-                await _pread_exact(fd, view[done : done + n], position)
+                try:
+                    await _pread_exact(fd, view[done : done + n], position)
+                except OSError as exc:
+                    reason = f"cannot read the cache: {exc.strerror or exc}"
+                    await self._fall_back(reason, view[done:], position)
+                    return
                 done += n
             elif isinstance(fetch.error, _CacheWriteError):
-                logger.warning("%s; streaming big part %s from the CDN", fetch.error, fetch.etag)
-                self._fallback = _StreamReader(fetch.fetch, fetch.size)
-                await self.aclose_fetch()
-                await self._fallback.readinto(view[done:], position)
+                await self._fall_back(str(fetch.error), view[done:], position)
                 return
             elif fetch.error is not None:
                 msg = f"download of the big part failed: {fetch.error}"
                 raise UpstreamError(msg) from fetch.error
             else:
                 await fetch._wait()  # noqa: SLF001 - the reader is part of the download
+
+    async def _fall_back(self, reason: str, view: memoryview, offset: int) -> None:
+        fetch = self._fetch
+        assert fetch is not None
+        logger.warning("%s; streaming big part %s from the CDN", reason, fetch.etag)
+        self._fallback = _StreamReader(fetch.fetch, fetch.size)
+        self.source = "cdn"
+        await self.aclose_fetch()
+        await self._fallback.readinto(view, offset)
 
     async def aclose_fetch(self) -> None:
         if self._fd is not None:
@@ -451,10 +512,24 @@ def _pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
     return os.pwritev(fd, buffers, offset)
 
 
+def _preadv(fd: int, view: memoryview, offset: int) -> int:
+    return os.preadv(fd, [view], offset)
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
+
+
+async def _remove(path: Path) -> None:
+    # Off the loop: unlinking a multi-GB file frees its blocks, which can take a while.
+    await anyio.to_thread.run_sync(_unlink, path)
+
+
 async def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
     done = 0
     while done < len(view):
-        n = await anyio.to_thread.run_sync(os.preadv, fd, [view[done:]], offset + done)
+        n = await anyio.to_thread.run_sync(_preadv, fd, view[done:], offset + done)
         if n == 0:
             msg = "cached big part is shorter than expected"
             raise TruncatedCiphertextError(msg)

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from unlockd.metrics import Metrics
 
-__all__ = ["CdnClient"]
+__all__ = ["CdnClient", "UpstreamErrors"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +36,23 @@ _ATTEMPTS = 5
 _BACKOFF = 0.05  # seconds before the first retry; doubles with each attempt
 _BACKOFF_MAX = 1.0
 _TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+
+
+class UpstreamErrors:
+    """Counts upstream failures by kind in ``unlockd_upstream_errors`` (shared with ApiClient)."""
+
+    def __init__(self, metrics: Metrics | None) -> None:
+        self._metrics = metrics
+
+    def count(self, kind: str) -> None:
+        """Count one failure of ``kind`` (login, resource, blob, invalid, ...)."""
+        if self._metrics is not None:
+            self._metrics.upstream_errors.labels(kind=kind).inc()
+
+    def invalid(self, msg: str) -> InvalidUpstreamDataError:
+        """Count and return (for the caller to raise) an error for unusable upstream data."""
+        self.count("invalid")
+        return InvalidUpstreamDataError(msg)
 
 
 class _RetryableError(Exception):
@@ -46,7 +63,7 @@ class CdnClient:
     """Streams byte ranges of immutable blobs; one pooled aiohttp session, made on first use."""
 
     def __init__(self, *, metrics: Metrics | None = None) -> None:
-        self._metrics = metrics
+        self._errors = UpstreamErrors(metrics)
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
@@ -80,7 +97,7 @@ class CdnClient:
                         yield chunk
             except _RetryableError as exc:
                 attempt += 1
-                self._count("blob")
+                self._errors.count("blob")
                 if attempt >= _ATTEMPTS:
                     msg = f"CDN read of {url} failed after {attempt} attempts: {exc}"
                     raise UpstreamError(msg) from exc
@@ -129,7 +146,7 @@ class CdnClient:
         if status == 206:
             first, total = _content_range(response.headers.get("Content-Range"))
             if first != start:
-                raise self._invalid("CDN answered a different range than asked")
+                raise self._errors.invalid("CDN answered a different range than asked")
             return 0, end if end is not None else total
         if status == 200:
             length = response.headers.get("Content-Length")
@@ -138,27 +155,19 @@ class CdnClient:
                 end = total
             if total is not None and end is not None and end > total:
                 msg = f"CDN blob has {total} bytes, expected at least {end}"
-                raise self._invalid(msg)
+                raise self._errors.invalid(msg)
             return start, end
         if status == 416:
-            raise self._invalid("CDN blob is shorter than the resource says")
+            raise self._errors.invalid("CDN blob is shorter than the resource says")
         if status == 403:
             msg = f"CDN forbids GET {response.url.path}"
             raise ForbiddenError(msg)
         if status == 404:
             msg = f"not found at the CDN: {response.url.path}"
             raise NotFoundError(msg)
-        self._count("blob")
+        self._errors.count("blob")
         msg = f"CDN answered {status} to GET {response.url.path}"
         raise UpstreamError(msg)
-
-    def _invalid(self, msg: str) -> InvalidUpstreamDataError:
-        self._count("invalid")
-        return InvalidUpstreamDataError(msg)
-
-    def _count(self, kind: str) -> None:
-        if self._metrics is not None:
-            self._metrics.upstream_errors.labels(kind=kind).inc()
 
 
 def _content_range(value: str | None) -> tuple[int, int | None]:

@@ -147,8 +147,13 @@ def _build_parser() -> argparse.ArgumentParser:
     add_user = hub_sub.add_parser(
         "add-user", help="create or update an account (password from UNLOCKD_PASSWORD or prompt)"
     )
+    # Its own dest: a sub-parser's default would overwrite `unlockd hub --data-dir X add-user`.
     add_user.add_argument(
-        "--data-dir", metavar="DIR", required=True, help="the hub's data directory"
+        "--data-dir",
+        dest="user_data_dir",
+        metavar="DIR",
+        help="the hub's data directory (default: the hub's --data-dir, UNLOCKD_HUB_DATA_DIR, "
+        "or ~/.local/share/unlockd/hub)",
     )
     add_user.add_argument("--email", required=True)
     add_user.add_argument("--role", choices=["reader", "publisher"], default="reader")

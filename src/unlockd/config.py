@@ -15,7 +15,7 @@ from unlockd.models import validate_name
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-__all__ = ["Settings", "default_cache_dir"]
+__all__ = ["Settings", "default_cache_dir", "http_url", "integer", "redact_url"]
 
 _MIN_SMALL_SIZE = 40  # the small part must hold at least the Tink header
 
@@ -37,7 +37,7 @@ class Settings:
     cache_dir: Path = field(default_factory=lambda: default_cache_dir({}))
     archive: Path | None = None
     archive_key_id: str = "images"
-    api_token: str | None = None
+    api_token: str | None = field(default=None, repr=False)
     max_upload: int | None = None
     small_size: int = 4096
     docker_host: str | None = None
@@ -57,7 +57,7 @@ class Settings:
         for name, (variable, cast) in _SOURCES.items():
             override = overrides.get(name)
             if override is not None:
-                values[name] = cast(f"--{name.replace('_', '-')}", override)
+                values[name] = cast(_FLAGS.get(name, f"--{name.replace('_', '-')}"), override)
             elif (raw := environ.get(variable)) is not None and raw != "":
                 values[name] = cast(variable, raw)
         return cls(**values)
@@ -87,7 +87,8 @@ def _secret(key: str, value: object) -> str:
     return value
 
 
-def _integer(key: str, value: object, minimum: int, maximum: int | None = None) -> int:
+def integer(key: str, value: object, minimum: int, maximum: int | None = None) -> int:
+    """Cast ``value`` to an int within bounds; the error names ``key`` (a variable or flag)."""
     if isinstance(value, bool):
         number = None
     elif isinstance(value, int):
@@ -108,18 +109,19 @@ def _integer(key: str, value: object, minimum: int, maximum: int | None = None) 
 
 
 def _port(key: str, value: object) -> int:
-    return _integer(key, value, 0, 65535)
+    return integer(key, value, 0, 65535)
 
 
 def _small_size(key: str, value: object) -> int:
-    return _integer(key, value, _MIN_SMALL_SIZE)
+    return integer(key, value, _MIN_SMALL_SIZE)
 
 
 def _max_upload(key: str, value: object) -> int:
-    return _integer(key, value, 1)
+    return integer(key, value, 1)
 
 
-def _url(key: str, value: object) -> str:
+def http_url(key: str, value: object) -> str:
+    """Validate an http(s) URL without a trailing slash; the error names ``key``."""
     text = _text(key, value)
     parts = urlsplit(text)
     if parts.scheme not in {"http", "https"} or not parts.hostname:
@@ -133,6 +135,14 @@ def _url(key: str, value: object) -> str:
     return text.rstrip("/")
 
 
+def redact_url(value: str) -> str:
+    """Return ``value`` without any ``user:password@`` part, for display."""
+    parts = urlsplit(value)
+    if "@" not in parts.netloc:
+        return value
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 def _key_id(key: str, value: object) -> str:
     return validate_name(_text(key, value), key)
 
@@ -143,11 +153,14 @@ def _path(key: str, value: object) -> Path:
     return Path(_text(key, value)).expanduser()
 
 
+# Fields whose flag is not the field's name (the rest are ``--field-name``).
+_FLAGS = {"upstream_url": "--upstream", "cdn_url": "--cdn"}
+
 _SOURCES: dict[str, tuple[str, Callable[[str, object], Any]]] = {
     "host": ("UNLOCKD_HOST", _text),
     "port": ("UNLOCKD_PORT", _port),
-    "upstream_url": ("UNLOCKD_UPSTREAM_URL", _url),
-    "cdn_url": ("UNLOCKD_CDN_URL", _url),
+    "upstream_url": ("UNLOCKD_UPSTREAM_URL", http_url),
+    "cdn_url": ("UNLOCKD_CDN_URL", http_url),
     "cache_dir": ("UNLOCKD_CACHE_DIR", _path),
     "archive": ("UNLOCKD_ARCHIVE", _path),
     "archive_key_id": ("UNLOCKD_ARCHIVE_KEY_ID", _key_id),

@@ -1,4 +1,4 @@
-"""Load Docker images from an async byte stream into the engine at ``DOCKER_HOST`` (aiodocker)."""
+"""Stream ``docker save`` archives into and out of a Docker engine (aiodocker)."""
 
 from __future__ import annotations
 
@@ -11,31 +11,45 @@ import aiodocker
 import aiohttp
 from aiohttp.payload import AsyncIterablePayload
 
+from unlockd.crypto_stream import SEGMENT_SIZE
 from unlockd.errors import DockerError
 
 if TYPE_CHECKING:
     import asyncio
-    from collections.abc import AsyncIterable, AsyncIterator
+    from collections.abc import AsyncIterable, AsyncIterator, Mapping
 
     from aiohttp.abc import AbstractStreamWriter
 
-__all__ = ["DEFAULT_DOCKER_HOST", "DockerLoader"]
+__all__ = ["DEFAULT_DOCKER_HOST", "DockerLoader", "resolve_docker_host"]
 
 DEFAULT_DOCKER_HOST = "unix:///var/run/docker.sock"
-CHUNK_SIZE = 1 << 20
 _LOADED = "Loaded image: "
 _LOADED_ID = "Loaded image ID: "
 
 logger = logging.getLogger(__name__)
 
 
+def resolve_docker_host(
+    docker_host: str | None = None, environ: Mapping[str, str] | None = None
+) -> str:
+    """The engine address: ``docker_host`` if given, else ``DOCKER_HOST``, else the default socket.
+
+    The one place the default is decided (the Docker CLI's rule). Resolved here, not by
+    aiodocker, so that a missing socket is a clear "unreachable" rather than aiodocker's
+    failed assertion. The sidecar passes Settings.docker_host (itself read from
+    DOCKER_HOST); ``unlockd seal --image`` passes nothing.
+    """
+    if docker_host:
+        return docker_host
+    env = os.environ if environ is None else environ
+    return env.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+
+
 class DockerLoader:
     """Streams ``docker save`` archives into the engine's image-load API."""
 
     def __init__(self, docker_host: str | None = None) -> None:
-        # Resolved here, not by aiodocker, so the spec's default applies and a missing
-        # socket is a clear "unreachable" rather than aiodocker's failed assertion.
-        self.docker_host = docker_host or os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+        self.docker_host = resolve_docker_host(docker_host)
         self._client: aiodocker.Docker | None = None
 
     def _docker(self) -> aiodocker.Docker:
@@ -93,7 +107,8 @@ class DockerLoader:
         try:
             async with self._docker()._query(f"images/get?{query}") as response:  # noqa: SLF001
                 try:
-                    async for chunk in response.content.iter_chunked(CHUNK_SIZE):
+                    # Segment-sized chunks: what the encryptor that consumes them seals at once.
+                    async for chunk in response.content.iter_chunked(SEGMENT_SIZE):
                         yield chunk
                 finally:
                     response.close()  # aiodocker's _query leaves releasing to the caller

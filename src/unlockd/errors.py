@@ -5,7 +5,7 @@ the module that calls the library; HTTP handlers map them to status codes in one
 through ``status_code``::
 
     UnlockdError                     500
-    ├── InvalidInputError            422  bad name, body, multipart
+    ├── InvalidInputError            422  bad name, body, multipart (here or upstream)
     │   └── InvalidKeyError          422  a key that is not base64 of 32 bytes
     ├── NotAuthenticatedError        401  no credentials / local token missing
     ├── CredentialsRejectedError     401  upstream said no to the credentials
@@ -14,7 +14,6 @@ through ``status_code``::
     ├── ConflictError                409
     ├── PayloadTooLargeError         413
     ├── RangeNotSatisfiableError     416
-    ├── NotReadyError                503
     ├── UpstreamError                502  upstream unreachable or misbehaving
     │   └── InvalidUpstreamDataError 502  upstream bytes that do not decrypt or parse
     ├── CiphertextError              502  (as seen by the sidecar: the data came from upstream)
@@ -38,7 +37,6 @@ __all__ = [
     "InvalidUpstreamDataError",
     "NotAuthenticatedError",
     "NotFoundError",
-    "NotReadyError",
     "PayloadTooLargeError",
     "RangeNotSatisfiableError",
     "TrailingDataError",
@@ -96,10 +94,6 @@ class RangeNotSatisfiableError(UnlockdError):
     def __init__(self, message: str, size: int) -> None:
         super().__init__(message)
         self.size = size
-
-
-class NotReadyError(UnlockdError):
-    status_code = 503
 
 
 class UpstreamError(UnlockdError):

@@ -118,6 +118,10 @@ def _open_output(path: str) -> Iterator[IO[bytes]]:
         _flush(sys.stdout.buffer, path)
         return
     target = Path(path)
+    if target.is_dir():
+        # Checked up front: the rename would fail only after the whole stream was processed.
+        msg = f"cannot write {path}: it is a directory"
+        raise InvalidInputError(msg)
     try:
         fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     except OSError as exc:
@@ -129,7 +133,11 @@ def _open_output(path: str) -> Iterator[IO[bytes]]:
             _flush(out, path)
             # mkstemp made it 0600; give the result the mode open() would have.
             os.fchmod(out.fileno(), 0o666 & ~_umask())
-        Path(temp).replace(target)
+        try:
+            Path(temp).replace(target)
+        except OSError as exc:
+            msg = f"cannot write {path}: {exc.strerror or exc}"
+            raise UnlockdError(msg) from exc
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise

@@ -1,4 +1,4 @@
-"""HTTP helpers shared by the sidecar and the hub: single byte ranges and small JSON bodies."""
+"""HTTP helpers shared by the sidecar and the hub: ranges, small JSON bodies, JSON errors."""
 
 from __future__ import annotations
 
@@ -6,12 +6,25 @@ import json
 import re
 from typing import TYPE_CHECKING, Any
 
-from unlockd.errors import InvalidInputError, PayloadTooLargeError, RangeNotSatisfiableError
+from starlette.exceptions import HTTPException
+from starlette.responses import JSONResponse
+
+from unlockd.errors import (
+    InvalidInputError,
+    NotAuthenticatedError,
+    PayloadTooLargeError,
+    RangeNotSatisfiableError,
+    UnlockdError,
+)
 
 if TYPE_CHECKING:
-    from starlette.requests import Request
+    import logging
+    from collections.abc import Awaitable, Callable
 
-__all__ = ["if_range_allows", "parse_range", "read_json_object"]
+    from starlette.requests import Request
+    from starlette.responses import Response
+
+__all__ = ["if_range_allows", "json_exception_handlers", "parse_range", "read_json_object"]
 
 _SPEC = re.compile(r"(\d*)-(\d*)", re.ASCII)
 
@@ -88,3 +101,37 @@ async def read_json_object(
 def _too_large(limit: int) -> None:
     msg = f"JSON body larger than {limit} bytes"
     raise PayloadTooLargeError(msg)
+
+
+def json_exception_handlers(
+    logger: logging.Logger, *, bearer_challenge: bool = False
+) -> dict[Any, Callable[[Request, Exception], Awaitable[Response]]]:
+    """Starlette exception handlers answering ``{"detail": ...}`` for every error.
+
+    ``bearer_challenge`` adds ``WWW-Authenticate: Bearer`` to a NotAuthenticatedError (the
+    hub's token check); 5xx errors of ours are logged as one line on ``logger``.
+    """
+
+    async def unlockd_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, UnlockdError)
+        headers = {}
+        if bearer_challenge and isinstance(exc, NotAuthenticatedError):
+            headers["WWW-Authenticate"] = "Bearer"
+        if isinstance(exc, RangeNotSatisfiableError):
+            headers["Content-Range"] = f"bytes */{exc.size}"
+        if exc.status_code >= 500:
+            logger.warning("%s %s: %s", request.method, request.url.path, exc.message)
+        return JSONResponse({"detail": exc.message}, status_code=exc.status_code, headers=headers)
+
+    async def http_error(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)
+        return JSONResponse(
+            {"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers
+        )
+
+    async def server_error(_request: Request, _exc: Exception) -> Response:
+        # ServerErrorMiddleware logs the traceback and re-raises after this reply is sent;
+        # the body tells nothing internal.
+        return JSONResponse({"detail": "Internal Server Error"}, status_code=500)
+
+    return {UnlockdError: unlockd_error, HTTPException: http_error, Exception: server_error}

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import enum
+import logging
 from typing import TYPE_CHECKING
 
 from python_multipart.exceptions import MultipartParseError
@@ -31,6 +32,13 @@ if TYPE_CHECKING:
 __all__ = ["MAX_FIELD_SIZE", "MultipartReader", "Part"]
 
 MAX_FIELD_SIZE = 64 * 1024
+
+# The parser logs a warning about every malformed body before raising; the error reaches the
+# client as a 422 already. Unconfigured, Python's last-resort handler would print that warning
+# as a bare line on stderr: keep only errors, and send them to the application's handlers.
+_parser_logger = logging.getLogger("python_multipart")
+_parser_logger.setLevel(logging.ERROR)
+_parser_logger.addHandler(logging.NullHandler())
 
 
 class _Event(enum.Enum):

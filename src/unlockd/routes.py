@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -10,9 +11,11 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from unlockd.config import redact_url
 from unlockd.errors import (
     CiphertextError,
     InvalidInputError,
+    InvalidUpstreamDataError,
     UnlockdError,
     UpstreamError,
 )
@@ -30,6 +33,10 @@ __all__ = ["MAX_JSON_BODY", "routes"]
 
 MAX_JSON_BODY = 64 * 1024
 DEFAULT_FOLDER = "models"
+# /ready answers probes that have short timeouts of their own: a hung upstream is "not ready".
+READY_UPSTREAM_TIMEOUT = 2.0
+# What an upstream etag may hold: RFC 9110's etagc (§8.8.3) without obs-text.
+_ETAG_CHARS = re.compile(r"[\x21\x23-\x7e]+")
 logger = logging.getLogger(__name__)
 
 
@@ -45,9 +52,12 @@ async def ready(request: Request) -> JSONResponse:
     if not await anyio.to_thread.run_sync(state.cache.writable):
         reasons.append(f"model cache dir {state.settings.cache_dir} is not writable")
     try:
-        await state.api.check_upstream()
+        with anyio.fail_after(READY_UPSTREAM_TIMEOUT):
+            await state.api.check_upstream()
     except UpstreamError as exc:
         reasons.append(f"upstream: {exc.message}")
+    except TimeoutError:
+        reasons.append(f"upstream: no answer to its health check in {READY_UPSTREAM_TIMEOUT:g} s")
     if reasons:
         return JSONResponse({"detail": "not ready", "reasons": reasons}, status_code=503)
     return JSONResponse({"status": "ready"})
@@ -61,7 +71,7 @@ async def status(request: Request) -> JSONResponse:
             "authenticated": state.api.authenticated,
             "email": state.api.email,
             "model_cache_dir": str(state.settings.cache_dir),
-            "upstream_url": state.settings.upstream_url,
+            "upstream_url": redact_url(state.settings.upstream_url),
             "unlock_state": state.unlock.status()["state"],
         }
     )
@@ -85,7 +95,7 @@ async def load(request: Request) -> Response:
         raise InvalidInputError(msg)
     folder = validate_name(body.get("folder", DEFAULT_FOLDER), "folder")
     download = await request.app.state.transfers.open_download(folder, filename)
-    return DownloadResponse(download)
+    return await DownloadResponse.create(download)
 
 
 async def resource(request: Request) -> Response:
@@ -95,7 +105,7 @@ async def resource(request: Request) -> Response:
     transfers = request.app.state.transfers
     range_header = request.headers.get("range")
     if range_header is None and request.method == "GET":
-        return DownloadResponse(await transfers.open_download(folder, filename))
+        return await DownloadResponse.create(await transfers.open_download(folder, filename))
 
     info: ResourceInfo = await transfers.stat(folder, filename)
     size = info.plaintext_size
@@ -108,7 +118,7 @@ async def resource(request: Request) -> Response:
         headers = _content_headers(size, etag, start, end, partial=byte_range is not None)
         return Response(status_code=206 if byte_range else 200, headers=headers)
     download = await transfers.open_download(folder, filename, byte_range, resource=info)
-    return DownloadResponse(download, partial=byte_range is not None)
+    return await DownloadResponse.create(download, partial=byte_range is not None)
 
 
 async def upload(request: Request) -> JSONResponse:
@@ -197,6 +207,16 @@ class DownloadResponse(StreamingResponse):
         )
         self.download = download
 
+    @classmethod
+    async def create(cls, download: Download, *, partial: bool = False) -> DownloadResponse:
+        """Return the response for ``download``, or close the download and raise."""
+        try:
+            return cls(download, partial=partial)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await download.aclose()
+            raise
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
@@ -225,6 +245,10 @@ def _content_headers(
 
 
 def _etag(upstream_etag: str) -> str:
+    # The etag goes into a header verbatim: anything but etagc would break (or forge) headers.
+    if not _ETAG_CHARS.fullmatch(upstream_etag):
+        msg = f"upstream etag {upstream_etag!r} is not a valid entity tag"
+        raise InvalidUpstreamDataError(msg)
     return f'"{upstream_etag}"'
 
 

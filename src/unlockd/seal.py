@@ -12,6 +12,7 @@ import anyio
 import httpx
 
 from unlockd.api_client import ApiClient
+from unlockd.config import http_url
 from unlockd.crypto_stream import encrypt_stream, generate_key
 from unlockd.docker import DockerLoader
 from unlockd.errors import ForbiddenError, InvalidInputError, UnlockdError
@@ -20,7 +21,7 @@ from unlockd.progress import Progress
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterable, AsyncIterator, Callable
 
 __all__ = ["SealSource", "seal", "seal_command"]
 
@@ -77,7 +78,7 @@ class SealSource:
 
 
 async def seal(  # noqa: PLR0913 - the command's inputs, keyword-only
-    source: SealSource,
+    source: SealSource | AsyncIterable[bytes],
     output: Path,
     *,
     key_id: str,
@@ -88,24 +89,27 @@ async def seal(  # noqa: PLR0913 - the command's inputs, keyword-only
 ) -> int:
     """Encrypt ``source`` into ``output`` and register the key; return the ciphertext size.
 
-    The archive goes to a temp file beside ``output`` first; the key is registered only once
-    the archive is complete (so a failure never replaces a working key), and ``output``
-    appears only after both succeeded.
+    ``source`` is a :class:`SealSource` or any async iterable of plaintext bytes. The archive
+    goes to a temp file beside ``output`` first; the key is registered only once the archive
+    is complete (so a failure never replaces a working key), and ``output`` appears only
+    after both succeeded.
     """
     validate_name(key_id, "key id")
     key = generate_key()
     async with httpx.AsyncClient(timeout=httpx.Timeout(30)) as http:
         hub = ApiClient(http, upstream)
-        # Fail fast on bad credentials or an unreachable hub, before the long part.
+        # Fail fast on bad credentials, an unreachable hub or a reader account, before the
+        # long part. A hub that does not name the role is told by the key upload below.
         await hub.login(email, password)
+        if hub.role not in {None, "publisher"}:
+            raise _not_publisher(email, upstream)
         tmp = output.with_name(f".{output.name}.{os.urandom(6).hex()}.tmp")
         try:
             written = await _write(tmp, encrypt_stream(_counted(source, on_progress), key))
             try:
                 await hub.put_key(key_id, key)
             except ForbiddenError as exc:
-                msg = f"{email} is not a publisher at {upstream}"
-                raise ForbiddenError(msg) from exc
+                raise _not_publisher(email, upstream) from exc
             await anyio.Path(tmp).rename(output)
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -114,10 +118,15 @@ async def seal(  # noqa: PLR0913 - the command's inputs, keyword-only
     return written
 
 
+def _not_publisher(email: str, upstream: str) -> ForbiddenError:
+    return ForbiddenError(f"{email} is not a publisher at {upstream}")
+
+
 async def _counted(
-    source: SealSource, on_progress: Callable[[int], None] | None
+    source: SealSource | AsyncIterable[bytes], on_progress: Callable[[int], None] | None
 ) -> AsyncIterator[bytes]:
-    async for chunk in source.chunks():
+    chunks = source.chunks() if isinstance(source, SealSource) else source
+    async for chunk in chunks:
         if on_progress is not None:
             on_progress(len(chunk))
         yield chunk
@@ -144,6 +153,7 @@ def seal_command(args: argparse.Namespace) -> int:
 
     source = SealSource.parse(args.input, list(args.image))
     validate_name(args.key_id, "key id")
+    upstream = http_url("--upstream", args.upstream)
     output = Path(args.output)
     if not output.parent.is_dir():
         msg = f"output directory {str(output.parent)!r} does not exist"
@@ -156,7 +166,7 @@ def seal_command(args: argparse.Namespace) -> int:
                 source,
                 output,
                 key_id=args.key_id,
-                upstream=args.upstream,
+                upstream=upstream,
                 email=args.email,
                 password=password,
                 on_progress=progress.advance,
@@ -164,6 +174,6 @@ def seal_command(args: argparse.Namespace) -> int:
 
     size = anyio.run(run)
     print(  # noqa: T201
-        f"sealed {output} ({size} bytes); key {args.key_id!r} registered at {args.upstream}"
+        f"sealed {output} ({size} bytes); key {args.key_id!r} registered at {upstream}"
     )
     return 0

@@ -18,15 +18,15 @@ import anyio
 import uvicorn
 
 from unlockd.config import Settings
-from unlockd.errors import UnlockdError
+from unlockd.errors import InvalidInputError, UnlockdError
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Awaitable, Callable, Iterator, Mapping
+    from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 
     from starlette.types import ASGIApp
 
-__all__ = ["DEMO_EMAIL", "dev_command", "serve_command"]
+__all__ = ["DEMO_EMAIL", "dev_command", "prepare_dir", "run_servers", "serve_command"]
 
 DEMO_EMAIL = "demo@example.com"
 DEV_DIR = Path(".unlockd-dev")
@@ -51,7 +51,8 @@ def serve_command(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         archive_key_id=args.archive_key_id,
         api_token=args.api_token,
     )
-    _configure_logging()
+    prepare_dir(settings.cache_dir, "the model cache dir (--cache-dir, UNLOCKD_CACHE_DIR)")
+    configure_logging()
     if not settings.loopback and settings.api_token is None:
         logger.warning(
             "listening on %s without UNLOCKD_API_TOKEN: anyone who can reach this port can "
@@ -61,25 +62,32 @@ def serve_command(args: argparse.Namespace, environ: Mapping[str, str] | None = 
     from unlockd.app import create_app  # noqa: PLC0415 - keeps `unlockd --help` fast
 
     _tune_malloc()
-    _run([_Server(_config(create_app(settings), settings.host, settings.port))])
-    return 0
+    return run_servers([(create_app(settings), settings.host, settings.port)])
 
 
 def dev_command(args: argparse.Namespace) -> int:  # noqa: ARG001 - `unlockd dev` has no flags
-    """Run hub and sidecar on loopback with a demo publisher account; data in ./.unlockd-dev."""
+    """Run hub and sidecar on loopback with a demo publisher account; data in ./.unlockd-dev.
+
+    Both use their own fixed settings: ``UNLOCKD_*`` variables (meant for ``serve`` and
+    ``hub``) would break the printed session, e.g. an API token the banner's curls lack.
+    Only ``DOCKER_HOST`` is honoured, for unlocking into the engine.
+    """
     from unlockd.app import create_app  # noqa: PLC0415
     from unlockd.hub import HubSettings, add_user, create_hub_app  # noqa: PLC0415
 
     base = DEV_DIR.resolve()
     hub_dir, cache_dir, archive = base / "hub", base / "cache", base / "images.enc"
-    hub_dir.mkdir(parents=True, exist_ok=True)
+    for directory in (hub_dir, cache_dir):
+        prepare_dir(directory, "the dev stack's data dir")
+    # Older versions kept the demo image's plaintext here; it is sealed from memory now.
+    (base / "demo-image.tar").unlink(missing_ok=True)
     password = _demo_password(base / "demo-password")
     add_user(hub_dir, DEMO_EMAIL, password, role="publisher")
     upstream = f"http://127.0.0.1:{DEV_HUB_PORT}"
     hub = create_hub_app(HubSettings(data_dir=hub_dir, host="127.0.0.1", port=DEV_HUB_PORT))
     sidecar = create_app(
         Settings.from_environ(
-            os.environ,
+            {k: v for k, v in os.environ.items() if k == "DOCKER_HOST"},
             host="127.0.0.1",
             port=DEV_SIDECAR_PORT,
             upstream_url=upstream,
@@ -88,36 +96,47 @@ def dev_command(args: argparse.Namespace) -> int:  # noqa: ARG001 - `unlockd dev
             archive_key_id=DEV_ARCHIVE_KEY_ID,
         )
     )
-    _configure_logging()
+    configure_logging()
     _tune_malloc()
-    servers = [
-        _Server(_config(hub, "127.0.0.1", DEV_HUB_PORT)),
-        _Server(_config(sidecar, "127.0.0.1", DEV_SIDECAR_PORT)),
-    ]
 
     async def setup() -> None:
         try:
-            await _seal_demo_archive(base, archive, upstream, password)
+            await _seal_demo_archive(archive, upstream, password)
         except UnlockdError as exc:
             logger.warning("could not seal the demo image archive: %s", exc.message)
         print(_dev_banner(base, upstream, password), flush=True)  # noqa: T201
 
-    _run(servers, setup)
-    return 0
+    return run_servers(
+        [(hub, "127.0.0.1", DEV_HUB_PORT), (sidecar, "127.0.0.1", DEV_SIDECAR_PORT)], setup
+    )
 
 
-async def _seal_demo_archive(base: Path, archive: Path, upstream: str, password: str) -> None:
+def prepare_dir(path: Path, what: str) -> None:
+    """Create ``path`` if needed and check it is writable; InvalidInputError naming ``what``."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        msg = f"cannot create {what} {path}: {exc.strerror or exc}"
+        raise InvalidInputError(msg) from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        msg = f"{what} {path} is not writable"
+        raise InvalidInputError(msg)
+
+
+async def _seal_demo_archive(archive: Path, upstream: str, password: str) -> None:
     """Seal the demo image into ``archive``, its key registered at the dev hub.
 
-    Sealed anew at every start, so the archive and the hub's key always belong together.
+    Sealed anew at every start, so the archive and the hub's key always belong together;
+    the plaintext (a few KiB, built in memory) is never written to disk.
     """
     from unlockd.demo import demo_image_archive  # noqa: PLC0415
-    from unlockd.seal import SealSource, seal  # noqa: PLC0415
+    from unlockd.seal import seal  # noqa: PLC0415
 
-    plain = anyio.Path(base / "demo-image.tar")
-    await plain.write_bytes(demo_image_archive())
+    async def plaintext() -> AsyncIterator[bytes]:
+        yield demo_image_archive()
+
     await seal(
-        SealSource(path=str(plain)),
+        plaintext(),
         archive,
         key_id=DEV_ARCHIVE_KEY_ID,
         upstream=upstream,
@@ -144,7 +163,7 @@ def _tune_malloc() -> None:
     mallopt(_M_TRIM_THRESHOLD, 64 << 20)
 
 
-def _config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
+def _config(app: ASGIApp, host: str, port: int, *, access_log: bool) -> uvicorn.Config:
     # "auto" picks uvloop and httptools when they are installed (uvicorn[standard]).
     return uvicorn.Config(
         app,
@@ -154,12 +173,14 @@ def _config(app: ASGIApp, host: str, port: int) -> uvicorn.Config:
         http="auto",
         lifespan="on",
         log_level="info",
-        access_log=False,  # one line per request would drown the interesting ones
+        access_log=access_log,
+        # A multi-GiB download must not hold a shutdown (or a redeploy) forever.
         timeout_graceful_shutdown=10,
     )
 
 
-def _configure_logging() -> None:
+def configure_logging() -> None:
+    """Log ``unlockd.*`` messages to stderr, once."""
     if not logger.handlers:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))
@@ -167,14 +188,29 @@ def _configure_logging() -> None:
         logger.setLevel(logging.INFO)
 
 
-def _run(servers: list[_Server], setup: Callable[[], Awaitable[None]] | None = None) -> None:
-    # SIGINT and SIGTERM are a clean shutdown (exit 0), as container runtimes expect.
+def run_servers(
+    apps: Sequence[tuple[ASGIApp, str, int]],
+    setup: Callable[[], Awaitable[None]] | None = None,
+    *,
+    access_log: bool = False,
+) -> int:
+    """Serve each ``(app, host, port)`` under uvicorn until SIGINT or SIGTERM; return the status.
+
+    A signal is a clean shutdown (0), as container runtimes expect; a server that cannot start
+    (a busy port, a failing lifespan) has logged why and stops the others: 1. ``setup`` runs
+    once every server is up. The access log is off by default: one line per request would
+    drown the interesting ones.
+    """
+    servers = [_Server(_config(app, host, port, access_log=access_log)) for app, host, port in apps]
     with asyncio.Runner(loop_factory=servers[0].config.get_loop_factory()) as runner:
         runner.run(_serve_together(servers, setup))
+    return 1 if any(server.failed for server in servers) else 0
 
 
 class _Server(uvicorn.Server):
     """A uvicorn server that leaves signals to :func:`_serve_together` (one handler for all)."""
+
+    failed = False
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
@@ -216,6 +252,10 @@ async def _after_start(servers: list[_Server], setup: Callable[[], Awaitable[Non
 async def _serve_one(server: _Server, servers: list[_Server]) -> None:
     try:
         await server.serve()
+    except SystemExit:
+        # uvicorn logs a startup failure (e.g. "address already in use") on one line, then
+        # calls sys.exit(), which must not escape as a traceback through the task group.
+        server.failed = True
     finally:
         # When one stops (or fails to start), stop the other too.
         for other in servers:

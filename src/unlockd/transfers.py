@@ -1,7 +1,7 @@
 """Downloads and uploads of resources: the data plane between the routes and the upstream.
 
 A download is one pipeline: small part (from the API) + big part (cache, shared download or
-CDN) → exact ciphertext segments → authenticate and decrypt each into a reused buffer →
+CDN) → exact ciphertext segments, read into a reused buffer → authenticate and decrypt each →
 plaintext chunks. An upload is the reverse: plaintext chunks → encrypt with a fresh key →
 first bytes kept as the small part, the rest streamed to the upstream → publish.
 """
@@ -68,7 +68,6 @@ class Download:
         self._last_segment = last_segment
         self._segment_count = self._layout.segment_count(resource.ciphertext_size)
         self._segment = bytearray(self._layout.segment_size)
-        self._plaintext = bytearray(self._layout.segment_size)
         self._reader: BigPartReader | None = None
         self._first: bytes | None = None
         self._closed = False
@@ -100,16 +99,17 @@ class Download:
         """Read, authenticate and decrypt the next segment; return its wanted plaintext."""
         index = self._index
         ciphertext = await self._read_segment(index)
-        n = self._cipher.open_into(
-            index, index == self._segment_count - 1, ciphertext, memoryview(self._plaintext)
-        )
+        # A fresh bytes per segment, not open_into a reused buffer: the server may still hold
+        # this chunk when the next segment is decrypted, and one pass beats decrypt + copy
+        # (see the performance notes in crypto_stream).
+        plaintext = self._cipher.open(index, index == self._segment_count - 1, ciphertext)
         self._index += 1
         first = self._layout.plaintext_start(index)
         lo = max(self.start - first, 0)
-        hi = min(self.end - first, n)
-        # A copy: the buffer is reused for the next segment while the server may still
-        # hold this chunk.
-        return bytes(memoryview(self._plaintext)[lo:hi])
+        hi = min(self.end - first, len(plaintext))
+        if lo == 0 and hi == len(plaintext):
+            return plaintext
+        return plaintext[lo:hi]  # the first or last segment of a range
 
     async def _read_segment(self, index: int) -> memoryview:
         start, end = self._layout.segment_bounds(index, self.resource.ciphertext_size)
@@ -136,7 +136,11 @@ class Download:
             try:
                 chunk = await self._next_chunk()
             except CiphertextError:
-                self._transfers.integrity_failure(self.resource, self._index, self.source)
+                # The range's first segment authenticated, so the key and header are right:
+                # the big part is damaged.
+                await self._transfers.integrity_failure(
+                    self.resource, self._index, self.source, evict=True
+                )
                 raise
             yield chunk
             sent.inc(len(chunk))
@@ -178,19 +182,18 @@ class Transfers:
         self,
         folder: str,
         name: str,
-        byte_range: tuple[int, int | None] | None = None,
+        byte_range: tuple[int, int] | None = None,
         *,
         resource: ResourceInfo | None = None,
     ) -> Download:
         """Prepare the plaintext of ``folder/name``, or of ``byte_range`` of it.
 
-        ``byte_range`` is ``(start, None)`` for ``bytes=start-``, ``(start, end_exclusive)``
-        for ``bytes=start-last`` (an end past the size is clamped) and ``(-n, None)`` for the
-        suffix ``bytes=-n``; RangeNotSatisfiableError when nothing of it exists.
+        ``byte_range`` is a resolved ``(start, end_exclusive)`` (see httputil.parse_range);
+        RangeNotSatisfiableError when it does not lie within the resource.
         """
         info = resource if resource is not None else await self.api.get_resource(folder, name)
         size = info.plaintext_size
-        start, end = _resolve_range(byte_range, size)
+        start, end = _check_range(byte_range, size)
         if size == 0:
             first = last = 0  # still authenticate the one (empty) segment
         else:
@@ -204,13 +207,16 @@ class Transfers:
                 source = download.source
                 await download.aclose()
                 if attempt == 1 and source == "cache":
-                    # A damaged entry (a crash, a bad disk): drop it and go to the CDN.
+                    # A damaged entry (a crash, a bad disk), or a wrong key or small part:
+                    # drop the entry and try the CDN's copy.
                     logger.warning(
                         "cached big part %s failed authentication; refetching", info.etag
                     )
-                    self.cache.evict(info.etag)
+                    await self.cache.evict(info.etag)
                     continue
-                self.integrity_failure(info, first, source)
+                # The key, the small part or a fresh big part is wrong; the big part may be
+                # fine (and shared with other downloads), so nothing more is evicted.
+                await self.integrity_failure(info, first, source, evict=False)
                 raise
             except BaseException:
                 await download.aclose()
@@ -218,17 +224,25 @@ class Transfers:
             return download
         raise AssertionError  # pragma: no cover - the loop returns or raises
 
-    def integrity_failure(self, resource: ResourceInfo, segment: int, source: str) -> None:
-        """Evict, count and log a segment that failed authentication."""
-        self.cache.evict(resource.etag)
+    async def integrity_failure(
+        self, resource: ResourceInfo, segment: int, source: str, *, evict: bool
+    ) -> None:
+        """Count and log a segment that failed authentication; ``evict`` its big part."""
         self.metrics.integrity_failures.inc()
+        if evict:
+            await self.cache.evict(resource.etag)
+            culprit, action = "big part", "cache entry evicted"
+        else:
+            culprit, action = "small part, key or big part", "nothing evicted"
         logger.error(
-            "segment %d of %s/%s (etag %s, from %s) failed authentication; cache entry evicted",
+            "segment %d of %s/%s (etag %s, from %s) failed authentication (%s); %s",
             segment,
             resource.folder,
             resource.name,
             resource.etag,
             source,
+            culprit,
+            action,
         )
 
     async def upload(
@@ -276,17 +290,11 @@ class Transfers:
         return {"status": "ok", "folder": folder_name, "filename": name, "size": size, "etag": etag}
 
 
-def _resolve_range(byte_range: tuple[int, int | None] | None, size: int) -> tuple[int, int]:
+def _check_range(byte_range: tuple[int, int] | None, size: int) -> tuple[int, int]:
     if byte_range is None:
         return 0, size
     start, end = byte_range
-    if start < 0 and end is None:
-        start = max(size + start, 0)
-    elif end is not None:
-        end = min(end, size)
-    if end is None:
-        end = size
-    if not 0 <= start < end:
-        msg = f"range not satisfiable for a resource of {size} bytes"
+    if not 0 <= start < end <= size:
+        msg = f"range [{start}, {end}) not satisfiable for a resource of {size} bytes"
         raise RangeNotSatisfiableError(msg, size)
     return start, end

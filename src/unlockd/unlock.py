@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import anyio
 
-from unlockd.crypto_stream import decrypt_stream
+from unlockd.crypto_stream import SEGMENT_SIZE, decrypt_stream
 from unlockd.errors import (
     CiphertextError,
     ConflictError,
@@ -19,7 +19,6 @@ from unlockd.errors import (
     ForbiddenError,
     NotFoundError,
     UnlockdError,
-    UpstreamError,
 )
 from unlockd.models import UnlockState
 
@@ -35,7 +34,6 @@ if TYPE_CHECKING:
 
 __all__ = ["UnlockManager"]
 
-CHUNK_SIZE = 1 << 20
 logger = logging.getLogger(__name__)
 
 
@@ -167,7 +165,7 @@ class UnlockManager:
             raise UnlockdError(msg) from exc
 
     async def _read(self, file: anyio.AsyncFile[bytes]) -> AsyncIterator[bytes]:
-        while chunk := await file.read(CHUNK_SIZE):
+        while chunk := await file.read(SEGMENT_SIZE):  # one segment's worth per read
             self._bytes_done += len(chunk)
             yield chunk
 
@@ -178,12 +176,12 @@ class UnlockManager:
         await self._transition(UnlockState.LOADING_IMAGES)
 
     def _describe(self, exc: UnlockdError) -> str:
+        # Chosen by type; other errors' messages already say what failed (the ApiClient's
+        # name the upstream, the DockerLoader's the engine).
         if isinstance(exc, CredentialsRejectedError):
             return "invalid credentials"
         if isinstance(exc, ForbiddenError):
             return f"not allowed to read archive key {self.key_id!r}: {exc.message}"
         if isinstance(exc, CiphertextError):
             return "archive is corrupted or has been tampered with"
-        if isinstance(exc, UpstreamError) and not exc.message.startswith("upstream"):
-            return f"upstream error: {exc.message}"
         return exc.message

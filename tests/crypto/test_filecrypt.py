@@ -254,3 +254,15 @@ def test_filecrypt_progress_drawn_on_terminal_only(tmp_path, key_file):
     assert b"encrypt" in drawn
     assert b"100%" in drawn
     assert (tmp_path / "out").stat().st_size == 2 * SEGMENT_SIZE + HEADER_SIZE + 3 * TAG_SIZE
+
+
+@pytest.mark.parametrize("command", ["encrypt", "decrypt"])
+def test_filecrypt_output_directory_fails_before_reading(tmp_path, key_file, command):
+    """An OUTPUT that is a directory is one line, before any work; no temp file anywhere."""
+    target = tmp_path / "out"
+    target.mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = unlockd(command, "--key-file", key_file, "-", target, stdin=b"x" * 1000)
+    assert "is a directory" in one_line_error(result, command)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert list(target.iterdir()) == []

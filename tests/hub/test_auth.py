@@ -151,3 +151,52 @@ def test_verify_password_matches_only_the_right_password():
     assert not verify_password("x", "garbage")
     assert not verify_password("x", "bcrypt$1$2$3$AA==$AA==")
     assert hash_password("same") != hash_password("same")
+
+
+def test_login_reply_names_the_role(hub, accounts):
+    """The login reply carries the account's role (an optional protocol extension)."""
+    for (email, password), role in zip(accounts, ("publisher", "reader"), strict=True):
+        reply = httpx.post(f"{hub.url}/auth/login", json={"email": email, "password": password})
+        assert reply.status_code == 200
+        assert reply.json()["role"] == role
+
+
+def test_login_burst_bounds_concurrent_password_hashing(hub, accounts, monkeypatch):
+    """A burst of logins runs at most PASSWORD_HASHING_THREADS scrypt computations at once."""
+    import threading  # noqa: PLC0415
+
+    from unlockd.hub import routes  # noqa: PLC0415
+    from unlockd.hub.auth import PASSWORD_HASHING_THREADS  # noqa: PLC0415
+
+    lock = threading.Lock()
+    running = peak = 0
+
+    def counting_verify(password: str, stored: str) -> bool:
+        nonlocal running, peak
+        with lock:
+            running += 1
+            peak = max(peak, running)
+        try:
+            time.sleep(0.05)  # long enough for the burst to pile up
+            return verify_password(password, stored)
+        finally:
+            with lock:
+                running -= 1
+
+    monkeypatch.setattr(routes, "verify_password", counting_verify)
+    email, password = accounts[0]
+    results: list[int] = []
+
+    def login() -> None:
+        reply = httpx.post(
+            f"{hub.url}/auth/login", json={"email": email, "password": password}, timeout=30
+        )
+        results.append(reply.status_code)
+
+    threads = [threading.Thread(target=login) for _ in range(12)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [200] * 12
+    assert 1 < peak <= PASSWORD_HASHING_THREADS

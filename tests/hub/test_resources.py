@@ -95,6 +95,25 @@ def test_unknown_route_and_encoded_slash_are_json_404(reader):
         assert reply.json() == {"detail": "Not Found"}
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/health/"),
+        ("GET", "/keys/images%2f"),
+        ("GET", "/keys/images%2F"),
+        ("GET", "/resources/models/a.bin%2F"),
+        ("PUT", "/keys/images%2f"),
+        ("POST", "/uploads%2F"),
+    ],
+)
+def test_trailing_slash_is_json_404_not_redirect(reader, method, path):
+    """A trailing (or encoded trailing) '/' is a JSON 404, never a redirect to another path."""
+    reply = reader.request(method, path, follow_redirects=False)
+    assert reply.status_code == 404
+    assert reply.json() == {"detail": "Not Found"}
+    assert "location" not in reply.headers
+
+
 def test_wrong_method_is_json_405(reader):
     """A known path with a wrong method is a JSON 405."""
     reply = reader.post("/resources/models/a.bin")
@@ -280,4 +299,4 @@ def test_unexpected_error_is_json_500(tmp_path):
         ).json()["token"]
         reply = httpx.get(f"{url}/resources/models/a", headers={"authorization": f"Bearer {token}"})
     assert reply.status_code == 500
-    assert reply.json() == {"detail": "internal server error"}
+    assert reply.json() == {"detail": "Internal Server Error"}

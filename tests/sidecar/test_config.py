@@ -109,3 +109,22 @@ def test_settings_are_frozen():
     settings = Settings.from_environ({})
     with pytest.raises(AttributeError):
         settings.port = 1  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("override", "flag"), [("upstream_url", "--upstream"), ("cdn_url", "--cdn")]
+)
+def test_settings_bad_url_override_names_the_real_flag(override, flag):
+    """A bad --upstream or --cdn names that flag, not one built from the setting's name."""
+    with pytest.raises(InvalidInputError, match=f"^{flag}: expected an http"):
+        Settings.from_environ({}, **{override: "ftp://x"})
+
+
+def test_settings_integer_errors_share_one_style_with_the_hub():
+    """Sidecar and hub integer settings fail with the same message style."""
+    from unlockd.hub import HubSettings  # noqa: PLC0415
+
+    with pytest.raises(InvalidInputError, match=r"^UNLOCKD_PORT: expected an integer between"):
+        Settings.from_environ({"UNLOCKD_PORT": "70000"})
+    with pytest.raises(InvalidInputError, match=r"^UNLOCKD_HUB_PORT: expected an integer between"):
+        HubSettings.from_environ({"UNLOCKD_HUB_PORT": "70000"})

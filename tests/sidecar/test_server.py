@@ -113,7 +113,9 @@ def test_dev_stack_demo_session_works(tmp_path):
     """`unlockd dev` runs hub + sidecar with the printed demo account; the session works."""
     if port_in_use(8600) or port_in_use(8700):
         pytest.skip("ports 8600/8700 are taken")
-    process = start(["dev"], cwd=tmp_path)
+    # dev keeps its own settings: variables meant for `serve` must not break the session.
+    hostile = {"UNLOCKD_API_TOKEN": "not-in-the-banner", "UNLOCKD_CACHE_DIR": "/proc/nope"}
+    process = start(["dev"], hostile, cwd=tmp_path)
     url = "http://127.0.0.1:8600"
     try:
         wait_healthy(url, process)
@@ -144,6 +146,13 @@ def test_dev_stack_demo_session_works(tmp_path):
     assert "curl -s -C -" in out
     assert (tmp_path / ".unlockd-dev" / "cache").is_dir()
     assert (tmp_path / ".unlockd-dev" / "hub").is_dir()
+    # The demo image is sealed from memory: no plaintext archive on disk.
+    assert sorted(p.name for p in (tmp_path / ".unlockd-dev").iterdir()) == [
+        "cache",
+        "demo-password",
+        "hub",
+        "images.enc",
+    ]
 
 
 def _unlock_demo(client: httpx.Client, password: str) -> dict:
@@ -154,3 +163,115 @@ def _unlock_demo(client: httpx.Client, password: str) -> dict:
         assert time.monotonic() < deadline, status
         time.sleep(0.05)
     return status
+
+
+def error_lines(stderr: str) -> list[str]:
+    """Lines that report an error: uvicorn's ERROR lines and the CLI's own."""
+    return [line for line in stderr.splitlines() if line.startswith(("ERROR", "unlockd "))]
+
+
+def test_serve_busy_port_fails_with_one_line(tmp_path):
+    """A port in use stops `unlockd serve` with exit 1 and one error line, no traceback."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        process = start(["serve", "--port", str(port), "--cache-dir", str(tmp_path)])
+        _, err = process.communicate(timeout=30)
+    assert process.returncode == 1, err
+    assert "Traceback" not in err
+    errors = error_lines(err)
+    assert len(errors) == 1, err
+    assert "address already in use" in errors[0].lower()
+
+
+@pytest.mark.parametrize(
+    ("args", "env"),
+    [
+        (["--cache-dir", "/proc/nope/cache"], {}),
+        ([], {"UNLOCKD_CACHE_DIR": "/proc/nope/cache"}),
+    ],
+)
+def test_serve_uncreatable_cache_dir_fails_with_one_line(args, env):
+    """A cache dir that cannot be created is one line naming the flag and the variable."""
+    process = start(["serve", "--port", str(free_port()), *args], env)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 1
+    assert err.strip().splitlines() == [
+        (
+            "unlockd serve: cannot create the model cache dir (--cache-dir, UNLOCKD_CACHE_DIR) "
+            "/proc/nope/cache: No such file or directory"
+        )
+    ]
+
+
+def test_serve_bad_upstream_flag_is_named(tmp_path):
+    """A bad --upstream is reported under the flag's name, not the setting's."""
+    process = start(["serve", "--upstream", "ftp://x", "--cache-dir", str(tmp_path)])
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 1
+    assert err.strip() == (
+        "unlockd serve: --upstream: expected an http:// or https:// URL, got 'ftp://x'"
+    )
+
+
+def test_serve_sigterm_exits_zero(tmp_path):
+    """SIGTERM is a clean shutdown of `unlockd serve`: exit 0."""
+    port = free_port()
+    process = start(["serve", "--port", str(port), "--cache-dir", str(tmp_path)])
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", process)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err
+    assert "Traceback" not in err
+
+
+def test_serve_malformed_multipart_prints_nothing_bare(tmp_path):
+    """A malformed multipart body is a 422; the parser's own warning is not printed bare."""
+    port = free_port()
+    process = start(["serve", "--port", str(port), "--cache-dir", str(tmp_path)])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process)
+        response = httpx.post(
+            f"{url}/upload/x.bin",
+            content=b"--B\r\nnot a part at all",
+            headers={"content-type": "multipart/form-data; boundary=XYZ"},
+        )
+        assert response.status_code == 422
+    finally:
+        returncode, _, err = stop(process)
+    assert returncode == 0
+    assert "Expected boundary" not in err, err
+
+
+def test_dev_busy_port_fails_with_one_line(tmp_path):
+    """`unlockd dev` with its hub port taken exits 1 with one error line, no traceback."""
+    if port_in_use(8600) or port_in_use(8700):
+        pytest.skip("ports 8600/8700 are taken")
+    with socket.socket() as busy:
+        # SO_REUSEADDR: a dev stack stopped just before may leave 8700 in TIME_WAIT.
+        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        busy.bind(("127.0.0.1", 8700))
+        busy.listen()
+        process = start(["dev"], cwd=tmp_path)
+        out, err = process.communicate(timeout=60)
+    assert process.returncode == 1, err
+    assert "Traceback" not in err
+    errors = error_lines(err)
+    assert len(errors) == 1, err
+    assert "address already in use" in errors[0].lower()
+    assert "Try it" not in out  # no banner for a stack that is not up
+    assert not port_in_use(8600)
+
+
+def test_dev_uncreatable_data_dir_fails_with_one_line(tmp_path):
+    """`unlockd dev` in a directory it cannot write to exits 1 with one line."""
+    (tmp_path / ".unlockd-dev").write_text("a file where the data dir should be")
+    process = start(["dev"], cwd=tmp_path)
+    _, err = process.communicate(timeout=30)
+    assert process.returncode == 1
+    assert len(err.strip().splitlines()) == 1, err
+    assert err.startswith("unlockd dev: cannot create the dev stack's data dir")

@@ -34,6 +34,8 @@ class HubProbe:
         self.cut_blob_after: int | None = None  # one-shot: drop the next blob body after N bytes
         self.ignore_range = False  # answer 200 with the whole blob to range requests
         self.blob_delay = 0.0  # seconds to wait before each blob body message
+        # One-shot faults, first match wins: (method, path prefix, "503" or "cut").
+        self.faults: list[tuple[str, str, str]] = []
 
     def count(self, method: str, prefix: str) -> int:
         return sum(1 for m, p, _ in self.requests if m == method and p.startswith(prefix))
@@ -47,6 +49,12 @@ class HubProbe:
             return
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         self.requests.append((scope["method"], scope["path"], headers))
+        fault = self._fault(scope["method"], scope["path"])
+        if fault == "503":
+            await _unavailable(send)
+            return
+        if fault == "cut":
+            send = _cutting(send, 1)
         if scope["path"].startswith("/blobs/"):
             if self.ignore_range:
                 kept = [(k, v) for k, v in scope["headers"] if k.lower() != b"range"]
@@ -57,6 +65,20 @@ class HubProbe:
             if self.blob_delay:
                 send = _delaying(send, self.blob_delay)
         await self.app(scope, receive, send)
+
+    def _fault(self, method: str, path: str) -> str | None:
+        for i, (m, prefix, kind) in enumerate(self.faults):
+            if m == method and path.startswith(prefix):
+                del self.faults[i]
+                return kind
+        return None
+
+
+async def _unavailable(send: Any) -> None:
+    body = b'{"detail": "try again"}'
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
+    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _cutting(send: Any, limit: int) -> Any:

@@ -16,8 +16,10 @@ from unlockd.cache import BigPartCache
 from unlockd.errors import (
     CredentialsRejectedError,
     ForbiddenError,
+    InvalidInputError,
     NotAuthenticatedError,
     NotFoundError,
+    UpstreamError,
 )
 from unlockd.hub import add_user
 from unlockd.metrics import Metrics
@@ -136,3 +138,54 @@ async def test_api_client_cdn_url_replaces_host(sidecar, hub):
             blob = b"".join([c async for c in api.stream_blob(other.big_url)])
     assert len(blob) == info.big_size
     assert repr(info).find("key=") == -1
+
+
+async def test_api_client_rejected_login_keeps_earlier_session(sidecar, hub):
+    """A wrong login after a good one changes nothing: still authenticated, reads still work."""
+    await upload(sidecar, "m.bin", random_bytes(10_000))
+    api = sidecar.api
+    with pytest.raises(CredentialsRejectedError):
+        await api.login(EMAIL, "wrong-password")
+    with pytest.raises(CredentialsRejectedError):
+        await api.login("someone-else@example.com", PASSWORD)
+    assert api.authenticated
+    assert api.email == EMAIL
+    api._token = None  # the next call must log in again, with the stored credentials
+    assert (await api.get_resource("models", "m.bin")).name == "m.bin"
+
+
+async def test_api_client_upstream_422_is_invalid_input(hub):
+    """An upstream 422 (an email over 254 characters) is our InvalidInputError, not a 502."""
+    async with httpx.AsyncClient() as http:
+        api = ApiClient(http, hub.url)
+        with pytest.raises(InvalidInputError) as info:
+            await api.login("a" * 300 + "@example.com", PASSWORD)
+    assert info.value.status_code == 422
+    assert "upstream" in info.value.message
+    assert not api.authenticated
+
+
+async def test_api_client_get_blips_retried(sidecar, hub):
+    """A dropped connection and a 503 on GET /resources are retried; the third try succeeds."""
+    await upload(sidecar, "m.bin", random_bytes(10_000))
+    hub.probe.faults = [("GET", "/resources/", "cut"), ("GET", "/resources/", "503")]
+    before = hub.probe.count("GET", "/resources/")
+    assert (await sidecar.api.get_resource("models", "m.bin")).name == "m.bin"
+    assert hub.probe.count("GET", "/resources/") == before + 3
+
+
+async def test_api_client_get_gives_up_after_three_attempts(sidecar, hub):
+    """Three 503s in a row end in UpstreamError, counted once."""
+    hub.probe.faults = [("GET", "/keys/", "503")] * 3
+    with pytest.raises(UpstreamError, match="503"):
+        await sidecar.api.get_key("images")
+    assert hub.probe.count("GET", "/keys/") == 3
+    assert sidecar.metrics.upstream_errors.labels(kind="key")._value.get() == 1
+
+
+async def test_api_client_post_not_retried(sidecar, hub):
+    """A 503 to POST /uploads is not sent again (a retry could open a second upload)."""
+    hub.probe.faults = [("POST", "/uploads", "503")]
+    with pytest.raises(UpstreamError, match="503"):
+        await sidecar.api.create_upload()
+    assert hub.probe.count("POST", "/uploads") == 1

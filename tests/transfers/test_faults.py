@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+import errno
+import pathlib
+import threading
+
 import anyio
 import httpx
 import pytest
@@ -16,6 +21,7 @@ from transfers.support import (
     temp_files,
     upload,
 )
+from unlockd import cache as cache_module
 from unlockd.api_client import ApiClient
 from unlockd.errors import (
     CiphertextError,
@@ -26,6 +32,7 @@ from unlockd.errors import (
 
 PS = (1 << 20) - 16
 SIZE = 6 * PS + 999
+MAIN = threading.main_thread()
 
 
 async def test_download_second_time_hits_cache(sidecar, hub):
@@ -196,3 +203,125 @@ async def test_upstream_down_raises_upstream_error(tmp_path):
         with pytest.raises(UpstreamError):
             await api.check_upstream()
         assert not api.authenticated
+
+
+async def test_download_directory_at_cache_entry_still_served(sidecar, hub):
+    """A directory where the cache entry belongs (a bad disk state) is no 500: the CDN serves."""
+    data = random_bytes(2 * PS)
+    await upload(sidecar, "m.bin", data)
+    info = await sidecar.api.get_resource("models", "m.bin")
+    blocker = sidecar.cache.path(info.etag)
+    blocker.mkdir()
+    (blocker / "x").write_bytes(b"x")
+    assert await download(sidecar, "m.bin") == data
+    await settled(sidecar)
+    assert await download(sidecar, "m.bin") == data
+    assert blocker.is_dir()
+
+
+async def test_download_cache_read_error_mid_stream_falls_back_to_cdn(sidecar, hub, monkeypatch):
+    """A cached entry that fails to read (EIO) mid-stream is evicted; the CDN serves the rest."""
+    data = random_bytes(SIZE)
+    await upload(sidecar, "m.bin", data)
+    assert await download(sidecar, "m.bin") == data
+    await settled(sidecar)
+    (entry,) = sidecar.cache_dir.iterdir()
+    reads = 0
+    real_preadv = cache_module._preadv
+
+    def failing(fd, view, offset):
+        nonlocal reads
+        reads += 1
+        if reads > 2:
+            raise OSError(errno.EIO, "Input/output error")
+        return real_preadv(fd, view, offset)
+
+    monkeypatch.setattr("unlockd.cache._preadv", failing)
+    d = await sidecar.transfers.open_download("models", "m.bin")
+    assert d.source == "cache"
+    got = b"".join([chunk async for chunk in d])
+    assert d.source == "cdn"
+    await d.aclose()
+    assert got == data
+    assert not entry.exists()
+    assert len(hub.probe.blob_requests()) == 2
+    assert sidecar.metrics.integrity_failures._value.get() == 0
+
+
+async def test_open_download_wrong_key_keeps_shared_download(sidecar, hub, caplog):
+    """A segment 0 failing for a bad small part or key does not poison the valid download."""
+    data = random_bytes(SIZE)
+    await upload(sidecar, "m.bin", data)
+    info = await sidecar.api.get_resource("models", "m.bin")
+    hub.probe.blob_delay = 0.02
+    good = await sidecar.transfers.open_download("models", "m.bin")
+    assert good.source == "download"
+    swapped = dataclasses.replace(info, key=bytes(32))
+    with pytest.raises(CiphertextError):
+        await sidecar.transfers.open_download("models", "m.bin", resource=swapped)
+    assert "small part, key or big part" in caplog.text
+    assert b"".join([chunk async for chunk in good]) == data
+    await good.aclose()
+    await settled(sidecar)
+    assert len(list(sidecar.cache_dir.iterdir())) == 1
+    assert len(hub.probe.blob_requests()) == 1
+    assert sidecar.metrics.integrity_failures._value.get() == 1
+
+
+async def test_open_download_after_evict_not_joined_to_poisoned_download(sidecar, hub):
+    """A download evicted mid-flight is not shared with new readers; they stream from the CDN."""
+    data = random_bytes(SIZE)
+    await upload(sidecar, "m.bin", data)
+    info = await sidecar.api.get_resource("models", "m.bin")
+    hub.probe.blob_delay = 0.02
+    first = await sidecar.transfers.open_download("models", "m.bin")
+    await sidecar.cache.evict(info.etag)
+    second = await sidecar.transfers.open_download("models", "m.bin")
+    assert (first.source, second.source) == ("download", "cdn")
+    for d in (first, second):
+        assert b"".join([chunk async for chunk in d]) == data
+        await d.aclose()
+    await settled(sidecar)
+    assert list(sidecar.cache_dir.iterdir()) == []
+
+
+async def test_download_joining_in_flight_download_is_no_cache_hit(sidecar, hub):
+    """Joining a download in progress counts neither as a cache hit nor as a second miss."""
+    data = random_bytes(3 * PS)
+    await upload(sidecar, "m.bin", data)
+    hub.probe.blob_delay = 0.02
+    first = await sidecar.transfers.open_download("models", "m.bin")
+    second = await sidecar.transfers.open_download("models", "m.bin")
+    assert first.source == second.source == "download"
+    for d in (first, second):
+        await d.aclose()
+    assert sidecar.metrics.cache_hits._value.get() == 0
+    assert sidecar.metrics.cache_misses._value.get() == 1
+
+
+async def test_cache_file_removal_and_publish_off_event_loop(sidecar, hub, monkeypatch):
+    """Publishing an entry (rename) and evicting it (unlink) run in worker threads."""
+    calls: list[tuple[str, str, bool]] = []
+    real_unlink, real_replace = pathlib.Path.unlink, pathlib.Path.replace
+
+    def unlink(self, *args, **kwargs):
+        calls.append(("unlink", self.parent.name, threading.current_thread() is MAIN))
+        return real_unlink(self, *args, **kwargs)
+
+    def replace(self, target):
+        calls.append(("replace", self.parent.name, threading.current_thread() is MAIN))
+        return real_replace(self, target)
+
+    data = random_bytes(2 * PS)
+    await upload(sidecar, "m.bin", data)
+    info = await sidecar.api.get_resource("models", "m.bin")
+    monkeypatch.setattr(pathlib.Path, "unlink", unlink)
+    monkeypatch.setattr(pathlib.Path, "replace", replace)
+    assert await download(sidecar, "m.bin") == data
+    await settled(sidecar)
+    await sidecar.cache.evict(info.etag)
+    monkeypatch.undo()
+    ours = [(op, on_loop) for op, parent, on_loop in calls if parent == "cache"]
+    assert ("replace", False) in ours
+    assert ("unlink", False) in ours
+    assert not any(on_loop for _, on_loop in ours)

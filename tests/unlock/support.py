@@ -10,7 +10,7 @@ import uuid
 import httpx
 
 from unlockd.demo import IMAGE_LABEL
-from unlockd.docker import DEFAULT_DOCKER_HOST
+from unlockd.docker import resolve_docker_host
 
 PUBLISHER = ("publisher@example.com", "publisher-password")
 READER = ("reader@example.com", "reader-password")
@@ -18,7 +18,7 @@ READER = ("reader@example.com", "reader-password")
 
 def probe_docker() -> tuple[str, str | None]:
     """The engine's address at DOCKER_HOST, and why it cannot be used (None if it can)."""
-    host = os.environ.get("DOCKER_HOST") or DEFAULT_DOCKER_HOST
+    host = resolve_docker_host()
     try:
         if host.startswith("unix://"):
             # A plain connect first: httpx leaks the socket of a failed unix connect.

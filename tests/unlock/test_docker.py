@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from unlockd.docker import DockerLoader
+from unlockd.docker import DEFAULT_DOCKER_HOST, DockerLoader, resolve_docker_host
 from unlockd.errors import AuthenticationFailedError, DockerError
 
 pytestmark = pytest.mark.docker
@@ -69,3 +69,12 @@ async def test_load_dead_socket_unreachable(tmp_path):
             await loader.load(_chunks(b"x" * 10))
     finally:
         await loader.close()
+
+
+def test_resolve_docker_host_explicit_then_environ_then_default():
+    """The one rule for the engine address: the caller's, else DOCKER_HOST, else the socket."""
+    environ = {"DOCKER_HOST": "unix:///from/environ.sock"}
+    assert resolve_docker_host("tcp://127.0.0.1:1", environ) == "tcp://127.0.0.1:1"
+    assert resolve_docker_host(None, environ) == "unix:///from/environ.sock"
+    assert resolve_docker_host(None, {}) == DEFAULT_DOCKER_HOST
+    assert resolve_docker_host("", {"DOCKER_HOST": ""}) == DEFAULT_DOCKER_HOST

@@ -132,3 +132,26 @@ async def test_http_unlock_shutdown_mid_run_interrupted_no_leftovers(
         await anyio.sleep(0.5)
         assert engine.tags() == set()
         assert engine.leftovers() == 0
+
+
+async def test_http_rejected_login_and_unlock_keep_working_login(hub_url, docker_host, tmp_path):
+    """A wrong /login or /unlock password after a good login changes nothing: loads still work."""
+    archive = tmp_path / "images.enc"
+    archive.write_bytes(b"\x00" * 100)
+    data = os.urandom(100_000)
+    with serve(create_app(_settings(hub_url, docker_host, tmp_path, archive))) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+            good = {"email": PUBLISHER[0], "password": PUBLISHER[1]}
+            wrong = {"email": PUBLISHER[0], "password": "wrong-password"}
+            assert (await client.post("/login", json=good)).status_code == 200
+            uploaded = await client.post("/upload/m.bin", files={"data": ("m.bin", data)})
+            assert uploaded.status_code == 200, uploaded.text
+            assert (await client.post("/login", json=wrong)).status_code == 401
+            assert (await client.post("/unlock", json=wrong)).status_code == 200
+            status = await _poll(client, lambda s: s["state"] in {"ready", "error"})
+            assert status["error"] == "invalid credentials"
+            me = (await client.get("/status")).json()
+            assert (me["authenticated"], me["email"]) == (True, PUBLISHER[0])
+            loaded = await client.post("/load/m.bin")
+            assert loaded.status_code == 200
+            assert loaded.content == data

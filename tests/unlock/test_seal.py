@@ -17,6 +17,8 @@ from unlock.support import PUBLISHER, READER
 from unlockd.api_client import ApiClient
 from unlockd.crypto_stream import Decryptor
 from unlockd.docker import DockerLoader
+from unlockd.errors import ForbiddenError
+from unlockd.seal import seal
 from unlockd.unlock import UnlockManager
 
 
@@ -78,6 +80,50 @@ async def test_seal_stdin_dash_reads_stdin(hub_url, tmp_path):
     assert _decrypt(out, await _key(hub_url, "cli-stdin")) == plain
 
 
+async def test_seal_async_iterable_source_round_trips(hub_url, tmp_path):
+    """seal() takes any async byte source; nothing but the archive is written."""
+    pieces = [os.urandom(300_000), b"", os.urandom(5)]
+
+    async def source():
+        for piece in pieces:
+            yield piece
+
+    out = tmp_path / "out.enc"
+    size = await seal(
+        source(),
+        out,
+        key_id="api-iterable",
+        upstream=hub_url,
+        email=PUBLISHER[0],
+        password=PUBLISHER[1],
+    )
+    assert size == out.stat().st_size
+    assert _decrypt(out, await _key(hub_url, "api-iterable")) == b"".join(pieces)
+    assert [p.name for p in tmp_path.iterdir()] == ["out.enc"]
+
+
+async def test_seal_reader_account_fails_before_reading_input(hub_url, tmp_path):
+    """A reader account is refused right after login, from the login reply's role."""
+    read = False
+
+    async def source():
+        nonlocal read
+        read = True
+        yield b"x"
+
+    with pytest.raises(ForbiddenError, match="is not a publisher"):
+        await seal(
+            source(),
+            tmp_path / "out.enc",
+            key_id="k",
+            upstream=hub_url,
+            email=READER[0],
+            password=READER[1],
+        )
+    assert read is False
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.docker
 async def test_seal_images_from_engine_unlock_restores_them(
     hub_url, docker_host, engine, image_archive, tmp_path
@@ -127,6 +173,7 @@ def test_seal_unknown_image_fails_clearly(hub_url, docker_host, tmp_path):
         ("bad-password", b"rejected the credentials"),
         ("not-publisher", b"is not a publisher"),
         ("bad-key-id", b"invalid key id"),
+        ("bad-upstream", b"--upstream: expected an http:// or https:// URL, got 'ftp://x'"),
     ],
 )
 def test_seal_error_one_line_exit_1_no_output(hub_url, tmp_path, case, message):
@@ -143,6 +190,7 @@ def test_seal_error_one_line_exit_1_no_output(hub_url, tmp_path, case, message):
         "bad-password": [str(src), str(out), *_args(hub_url)],
         "not-publisher": [str(src), str(out), *_args(hub_url, email=READER[0])],
         "bad-key-id": [str(src), str(out), *_args(hub_url, key_id="../x")],
+        "bad-upstream": [str(src), str(out), *_args("ftp://x")],
     }[case]
     if case == "bad-password":
         password = "wrong"

@@ -9,11 +9,14 @@ import socket
 import anyio
 import httpx
 import pytest
+from starlette.responses import JSONResponse
 
+from servers import serve
 from unlock.support import PUBLISHER, READER
 from unlockd.api_client import ApiClient
 from unlockd.docker import DockerLoader
 from unlockd.errors import ConflictError, NotFoundError
+from unlockd.hub import HubSettings, add_user, create_hub_app
 from unlockd.metrics import Metrics
 from unlockd.seal import SealSource, seal
 from unlockd.unlock import UnlockManager
@@ -269,3 +272,28 @@ async def test_unlock_upstream_down_error_names_upstream(tmp_path):
     assert status["state"] == "error"
     assert status["error"].startswith("upstream unreachable")
     assert status["progress"] == {"bytes_done": 0, "bytes_total": 100}
+
+
+async def test_unlock_short_key_from_upstream_error_says_so(tmp_path):
+    """An upstream key that is not 32 bytes ends the run in the ApiClient's own message."""
+    data_dir = tmp_path / "hub"
+    add_user(data_dir, *READER, role="reader")
+    hub = create_hub_app(HubSettings(data_dir=data_dir))
+
+    async def short_keys(scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/keys/"):
+            await JSONResponse({"key": "AAAA"})(scope, receive, send)
+            return
+        await hub(scope, receive, send)
+
+    archive = tmp_path / "images.enc"
+    archive.write_bytes(b"\x00" * 100)
+    with serve(short_keys) as url:
+        async with httpx.AsyncClient() as http:
+            loader = DockerLoader(f"unix://{tmp_path}/unused.sock")
+            api = ApiClient(http, url)
+            manager = UnlockManager(archive=archive, key_id="images", api=api, docker=loader)
+            status = await _run(manager)
+            await loader.close()
+    assert status["state"] == "error"
+    assert status["error"] == "upstream key is not 32 bytes"

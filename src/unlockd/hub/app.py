@@ -9,47 +9,21 @@ from typing import TYPE_CHECKING
 import anyio
 import anyio.to_thread
 from starlette.applications import Starlette
-from starlette.exceptions import HTTPException
-from starlette.responses import JSONResponse
 
-from unlockd.errors import NotAuthenticatedError, RangeNotSatisfiableError, UnlockdError
-from unlockd.hub.auth import TokenStore, dummy_password_hash
+from unlockd.errors import UnlockdError
+from unlockd.httputil import json_exception_handlers
+from unlockd.hub.auth import PASSWORD_HASHING_THREADS, TokenStore, dummy_password_hash
 from unlockd.hub.routes import routes
 from unlockd.hub.store import Store
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator
 
-    from starlette.requests import Request
-    from starlette.responses import Response
-
     from unlockd.hub.config import HubSettings
 
 __all__ = ["create_hub_app"]
 
 logger = logging.getLogger("unlockd.hub")
-
-
-async def _unlockd_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, UnlockdError)
-    headers = {}
-    if isinstance(exc, NotAuthenticatedError):
-        headers["www-authenticate"] = "Bearer"
-    if isinstance(exc, RangeNotSatisfiableError):
-        headers["content-range"] = f"bytes */{exc.size}"
-    if exc.status_code >= 500:
-        logger.error("%s %s failed: %s", request.method, request.url.path, exc.message)
-    return JSONResponse({"detail": exc.message}, status_code=exc.status_code, headers=headers)
-
-
-async def _http_error(_request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
-
-
-async def _server_error(_request: Request, _exc: Exception) -> Response:
-    # ServerErrorMiddleware logs the traceback and re-raises after this reply is sent.
-    return JSONResponse({"detail": "internal server error"}, status_code=500)
 
 
 async def _clean_periodically(store: Store, tokens: TokenStore, upload_ttl: float) -> None:
@@ -79,6 +53,9 @@ def create_hub_app(settings: HubSettings) -> Starlette:
             await anyio.to_thread.run_sync(dummy_password_hash)
             app.state.store = store
             app.state.tokens = TokenStore(settings.token_ttl)
+            # scrypt takes 16 MiB and ~50 ms a login: a burst of logins must not fill every
+            # worker thread (and hundreds of MiB) at once.
+            app.state.password_limiter = anyio.CapacityLimiter(PASSWORD_HASHING_THREADS)
             app.state.settings = settings
             async with anyio.create_task_group() as task_group:
                 task_group.start_soon(
@@ -89,12 +66,11 @@ def create_hub_app(settings: HubSettings) -> Starlette:
         finally:
             await anyio.to_thread.run_sync(store.close)
 
-    return Starlette(
+    app = Starlette(
         routes=routes,
         lifespan=lifespan,
-        exception_handlers={
-            UnlockdError: _unlockd_error,
-            HTTPException: _http_error,
-            Exception: _server_error,
-        },
+        exception_handlers=json_exception_handlers(logger, bearer_challenge=True),
     )
+    # A trailing or encoded "/" names no resource: 404, not a redirect to a different path.
+    app.router.redirect_slashes = False
+    return app

@@ -15,6 +15,7 @@ import time
 from unlockd.errors import ForbiddenError, InvalidInputError, NotAuthenticatedError
 
 __all__ = [
+    "PASSWORD_HASHING_THREADS",
     "Principal",
     "Role",
     "TokenStore",
@@ -26,6 +27,8 @@ __all__ = [
 # scrypt with N=2**14, r=8, p=1 costs 16 MiB and ~50 ms: slow for guessing, fine for logins.
 _N, _R, _P = 2**14, 8, 1
 _MAXMEM = 64 * 1024 * 1024
+# How many scrypt computations run at once (each in a worker thread, 16 MiB apiece).
+PASSWORD_HASHING_THREADS = 4
 
 
 class Role(enum.StrEnum):

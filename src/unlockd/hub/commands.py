@@ -5,23 +5,25 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
-
-import uvicorn
 
 from unlockd.hub.accounts import add_user
 from unlockd.hub.app import create_hub_app
-from unlockd.hub.config import HubSettings
+from unlockd.hub.config import HubSettings, resolve_data_dir
 
 if TYPE_CHECKING:
     import argparse
 
 __all__ = ["add_user_command", "hub_command"]
 
+_DATA_DIR = "the hub's data dir (--data-dir, UNLOCKD_HUB_DATA_DIR)"
+
 
 def hub_command(args: argparse.Namespace) -> int:
     """Serve the hub with uvicorn; flags win over ``UNLOCKD_HUB_*`` variables."""
+    # The sidecar's runner: one-line startup errors, exit 0 on SIGINT and SIGTERM.
+    from unlockd.server import configure_logging, prepare_dir, run_servers  # noqa: PLC0415
+
     settings = HubSettings.from_environ(
         os.environ,
         host=args.host,
@@ -30,26 +32,24 @@ def hub_command(args: argparse.Namespace) -> int:
         token_ttl=args.token_ttl,
         upload_ttl=args.upload_ttl,
     )
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(name)s: %(message)s")
-    logging.getLogger("unlockd").info("hub data in %s", settings.data_dir)
-    config = uvicorn.Config(
-        create_hub_app(settings),
-        host=settings.host,
-        port=settings.port,
-        lifespan="on",
-        # A multi-GiB blob download must not hold a shutdown (or a redeploy) forever.
-        timeout_graceful_shutdown=10,
-    )
-    server = uvicorn.Server(config)
-    server.run()
-    return 0 if server.started else 1
+    prepare_dir(settings.data_dir, _DATA_DIR)
+    configure_logging()
+    logging.getLogger("unlockd.hub").info("hub data in %s", settings.data_dir)
+    app = create_hub_app(settings)
+    return run_servers([(app, settings.host, settings.port)], access_log=True)
 
 
 def add_user_command(args: argparse.Namespace) -> int:
-    """Create or update an account; the password comes from ``UNLOCKD_PASSWORD`` or a prompt."""
+    """Create or update an account; the password comes from ``UNLOCKD_PASSWORD`` or a prompt.
+
+    The data dir is add-user's own ``--data-dir``, else the hub's (``unlockd hub --data-dir X
+    add-user``), else ``UNLOCKD_HUB_DATA_DIR``, else the default: the one ``unlockd hub`` uses.
+    """
     from unlockd.cli import read_password  # noqa: PLC0415 - cli imports this module lazily
 
+    override = getattr(args, "user_data_dir", None) or args.data_dir
+    data_dir = resolve_data_dir(os.environ, override)
     password = read_password()
-    add_user(Path(args.data_dir), args.email, password, args.role)
-    print(f"user {args.email} saved with role {args.role}", file=sys.stderr)  # noqa: T201
+    add_user(data_dir, args.email, password, args.role)
+    print(f"user {args.email} saved with role {args.role} in {data_dir}", file=sys.stderr)  # noqa: T201
     return 0

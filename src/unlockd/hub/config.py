@@ -7,12 +7,13 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from unlockd.config import integer
 from unlockd.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
 
-__all__ = ["HubSettings", "default_data_dir"]
+__all__ = ["HubSettings", "default_data_dir", "resolve_data_dir"]
 
 
 def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
@@ -20,19 +21,6 @@ def default_data_dir(environ: Mapping[str, str] | None = None) -> Path:
     environ = os.environ if environ is None else environ
     base = environ.get("XDG_DATA_HOME") or str(Path("~/.local/share").expanduser())
     return Path(base) / "unlockd" / "hub"
-
-
-def _int(key: str, raw: object, minimum: int, maximum: int | None = None) -> int:
-    try:
-        value = int(str(raw))
-    except (TypeError, ValueError):
-        msg = f"{key}: expected an integer, got {raw!r}"
-        raise InvalidInputError(msg) from None
-    if value < minimum or (maximum is not None and value > maximum):
-        upper = "" if maximum is None else f" and at most {maximum}"
-        msg = f"{key}: must be at least {minimum}{upper}, got {value}"
-        raise InvalidInputError(msg)
-    return value
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -47,30 +35,44 @@ class HubSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
-        _int("port", self.port, 0, 65535)
-        _int("token_ttl", self.token_ttl, 1)
-        _int("upload_ttl", self.upload_ttl, 1)
+        # Built in code, so the error names the field; from_environ names the flag or variable.
+        for name, (_, _, minimum, maximum) in _INTEGERS.items():
+            integer(name, getattr(self, name), minimum, maximum)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str], **overrides: Any) -> HubSettings:
         """Build settings from ``UNLOCKD_HUB_*`` variables; non-None ``overrides`` win."""
-        values: dict[str, Any] = {}
-        if raw := environ.get("UNLOCKD_HUB_DATA_DIR"):
-            values["data_dir"] = Path(raw)
+        fields = {field.name for field in dataclasses.fields(cls)}
+        if unknown := sorted(set(overrides) - fields):
+            msg = f"unknown hub setting {unknown[0]!r}"
+            raise InvalidInputError(msg)
+        values: dict[str, Any] = {
+            "data_dir": resolve_data_dir(environ, overrides.get("data_dir")),
+        }
         if raw := environ.get("UNLOCKD_HUB_HOST"):
             values["host"] = raw
-        if raw := environ.get("UNLOCKD_HUB_PORT"):
-            values["port"] = _int("UNLOCKD_HUB_PORT", raw, 0, 65535)
-        if raw := environ.get("UNLOCKD_HUB_TOKEN_TTL"):
-            values["token_ttl"] = _int("UNLOCKD_HUB_TOKEN_TTL", raw, 1)
-        if raw := environ.get("UNLOCKD_HUB_UPLOAD_TTL"):
-            values["upload_ttl"] = _int("UNLOCKD_HUB_UPLOAD_TTL", raw, 1)
-        fields = {field.name for field in dataclasses.fields(cls)}
-        for name, value in overrides.items():
-            if name not in fields:
-                msg = f"unknown hub setting {name!r}"
-                raise InvalidInputError(msg)
-            if value is not None:
-                values[name] = Path(value) if name == "data_dir" else value
-        values.setdefault("data_dir", default_data_dir(environ))
+        if overrides.get("host") is not None:
+            values["host"] = overrides["host"]
+        for name, (variable, flag, minimum, maximum) in _INTEGERS.items():
+            if (override := overrides.get(name)) is not None:
+                values[name] = integer(flag, override, minimum, maximum)
+            elif raw := environ.get(variable):
+                values[name] = integer(variable, raw, minimum, maximum)
         return cls(**values)
+
+
+def resolve_data_dir(environ: Mapping[str, str], override: object = None) -> Path:
+    """The data dir: ``override`` (a flag) if given, else ``UNLOCKD_HUB_DATA_DIR``, else default."""
+    if override is not None:
+        return Path(str(override)).expanduser()
+    if raw := environ.get("UNLOCKD_HUB_DATA_DIR"):
+        return Path(raw).expanduser()
+    return default_data_dir(environ)
+
+
+# Each integer field, by name: its variable, its flag, and its bounds.
+_INTEGERS: dict[str, tuple[str, str, int, int | None]] = {
+    "port": ("UNLOCKD_HUB_PORT", "--port", 0, 65535),
+    "token_ttl": ("UNLOCKD_HUB_TOKEN_TTL", "--token-ttl", 1, None),
+    "upload_ttl": ("UNLOCKD_HUB_UPLOAD_TTL", "--upload-ttl", 1, None),
+}

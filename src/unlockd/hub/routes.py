@@ -99,13 +99,23 @@ async def login(request: Request) -> Response:
     user = await _store(request).get_user(email)
     # Unknown emails cost one scrypt too, and get the same answer as a wrong password.
     stored = user[0] if user is not None else dummy_password_hash()
-    matches = await anyio.to_thread.run_sync(verify_password, password, stored)
+    matches = await anyio.to_thread.run_sync(
+        verify_password, password, stored, limiter=request.app.state.password_limiter
+    )
     if user is None or not matches:
         msg = "invalid email or password"
         raise CredentialsRejectedError(msg)
     tokens: TokenStore = request.app.state.tokens
     token = tokens.issue(Principal(email, user[1]))
-    return JSONResponse({"token": token, "token_type": "bearer", "expires_in": int(tokens.ttl)})
+    # "role" is an extension of the protocol: clients such as `unlockd seal` fail fast on it.
+    return JSONResponse(
+        {
+            "token": token,
+            "token_type": "bearer",
+            "expires_in": int(tokens.ttl),
+            "role": user[1].value,
+        }
+    )
 
 
 async def get_resource(request: Request) -> Response:

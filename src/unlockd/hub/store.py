@@ -119,6 +119,15 @@ def _unlink(path: Path) -> None:
         path.unlink()
 
 
+async def _remove(path: Path) -> None:
+    # Off the loop: unlinking a multi-GB blob or upload frees its blocks, which takes a while.
+    await anyio.to_thread.run_sync(_unlink, path)
+
+
+async def _rename(source: Path, target: Path) -> None:
+    await anyio.to_thread.run_sync(source.replace, target)
+
+
 class Store:
     """SQLite database plus blob directory; async methods keep blocking work off the loop."""
 
@@ -252,11 +261,11 @@ class Store:
                     raise ConflictError(msg)
                 size, sha256 = upload
                 if size is None:  # no body was sent: an empty big part
-                    blob.touch()
+                    await anyio.to_thread.run_sync(blob.touch)
                     size, sha256 = 0, _EMPTY_SHA256
                 else:
                     try:
-                        source.replace(blob)
+                        await _rename(source, blob)
                     except FileNotFoundError:
                         msg = f"upload {upload_id} lost its body; upload it again"
                         raise ConflictError(msg) from None
@@ -265,9 +274,9 @@ class Store:
                     previous = await self._run(partial(self._publish_row, upload_id, row))
                 except BaseException:
                     if upload[0] is None:
-                        _unlink(blob)
+                        await _remove(blob)
                     else:
-                        blob.replace(source)
+                        await _rename(blob, source)
                     raise
                 if previous is not None:
                     await self._remove_blob_if_unreferenced(previous)
@@ -315,7 +324,7 @@ class Store:
         )
         if referenced is None:
             # Readers that already opened the file keep reading it: POSIX unlink semantics.
-            _unlink(self.blobs_dir / etag)
+            await _remove(self.blobs_dir / etag)
 
     def blob_path(self, etag: str) -> Path:
         """Return the file of blob ``etag``; NotFoundError for a name that cannot be one."""
@@ -373,13 +382,14 @@ class Store:
                 async with self._lock:
                     # The upload may have been deleted or published while its body arrived.
                     await self._run(partial(self._upload_row, upload_id))
-                    temp.replace(target)
+                    await _rename(temp, target)
                     await self._run(partial(self._finish_upload, upload_id, result))
         finally:
             self._writing[upload_id] -= 1
             if not self._writing[upload_id]:
                 del self._writing[upload_id]
-            _unlink(temp)
+            with anyio.CancelScope(shield=True):
+                await _remove(temp)
         return result
 
     @staticmethod
@@ -438,7 +448,7 @@ class Store:
 
         async with self._lock:
             deleted = await self._run(delete)
-            _unlink(self.uploads_dir / upload_id)
+            await _remove(self.uploads_dir / upload_id)
         return deleted
 
     async def remove_expired_uploads(self, ttl: float) -> int:
@@ -456,7 +466,7 @@ class Store:
             async with self._lock:
                 expired = await self._run(expire)
                 for upload_id in expired:
-                    _unlink(self.uploads_dir / upload_id)
+                    await _remove(self.uploads_dir / upload_id)
         return len(expired)
 
     def recover(self, upload_ttl: float) -> None:
