@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
 import logging
 import os
 import secrets
@@ -34,8 +33,6 @@ DEV_HUB_PORT = 8700
 DEV_SIDECAR_PORT = 8600
 DEV_ARCHIVE_KEY_ID = "images"
 logger = logging.getLogger("unlockd")
-_M_TRIM_THRESHOLD = -1  # glibc <malloc.h>
-_M_MMAP_THRESHOLD = -3
 
 
 def serve_command(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
@@ -61,7 +58,6 @@ def serve_command(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         )
     from unlockd.app import create_app  # noqa: PLC0415 - keeps `unlockd --help` fast
 
-    _tune_malloc()
     return run_servers([(create_app(settings), settings.host, settings.port)])
 
 
@@ -97,7 +93,6 @@ def dev_command(args: argparse.Namespace) -> int:  # noqa: ARG001 - `unlockd dev
         )
     )
     configure_logging()
-    _tune_malloc()
 
     async def setup() -> None:
         try:
@@ -143,24 +138,6 @@ async def _seal_demo_archive(archive: Path, upstream: str, password: str) -> Non
         email=DEMO_EMAIL,
         password=password,
     )
-
-
-def _tune_malloc() -> None:
-    """Keep 1 MiB segment buffers on the heap instead of fresh mmaps (glibc only).
-
-    glibc serves allocations of 128 KiB and more with mmap and unmaps them on free, so every
-    1 MiB chunk of a stream would be page-faulted in anew; a higher threshold lets freed
-    segment-sized blocks be reused, and a higher trim threshold keeps them around.
-    """
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # not glibc (e.g. musl): nothing to tune
-        return
-    mallopt(_M_MMAP_THRESHOLD, 16 << 20)
-    mallopt(_M_TRIM_THRESHOLD, 64 << 20)
 
 
 def _config(app: ASGIApp, host: str, port: int, *, access_log: bool) -> uvicorn.Config:
