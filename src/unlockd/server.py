@@ -75,8 +75,6 @@ def dev_command(args: argparse.Namespace) -> int:  # noqa: ARG001 - `unlockd dev
     hub_dir, cache_dir, archive = base / "hub", base / "cache", base / "images.enc"
     for directory in (hub_dir, cache_dir):
         prepare_dir(directory, "the dev stack's data dir")
-    # Older versions kept the demo image's plaintext here; it is sealed from memory now.
-    (base / "demo-image.tar").unlink(missing_ok=True)
     password = _demo_password(base / "demo-password")
     add_user(hub_dir, DEMO_EMAIL, password, role="publisher")
     upstream = f"http://127.0.0.1:{DEV_HUB_PORT}"
