@@ -20,7 +20,6 @@ import argparse
 import contextlib
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,10 +32,11 @@ from typing import TYPE_CHECKING
 
 import httpx
 
-if TYPE_CHECKING:
-    from collections.abc import Callable, Iterator
+from bench._support import GIB, free_port, memory, process, unlockd
 
-GIB = 1 << 30
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
 PUBLISHER = ("bench-publisher@example.com", "bench-publisher-password")
 _PLAIN_SERVER = textwrap.dedent(
     """
@@ -74,52 +74,6 @@ http {{
     }}
 }}
 """
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@contextlib.contextmanager
-def _process(
-    args: list[str], env: dict[str, str], url: str, log: Path
-) -> Iterator[subprocess.Popen[bytes]]:
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=sink)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            if proc.poll() is not None:
-                msg = f"{args[:4]} exited: {log.read_text()[-2000:]}"
-                raise RuntimeError(msg)
-            with contextlib.suppress(httpx.TransportError):
-                if httpx.get(url, timeout=1).status_code < 500:
-                    break
-            if time.monotonic() > deadline:
-                msg = f"{args[:4]} did not start"
-                raise RuntimeError(msg)
-            time.sleep(0.1)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _unlockd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "unlockd", *args]
-
-
-def _vm_hwm(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _write_plaintext(path: Path, size: int) -> None:
@@ -208,48 +162,48 @@ def main(argv: list[str]) -> int:
     try:
         plain = work / "bench.bin"
         _write_plaintext(plain, size)
-        hub_port, sidecar_port, plain_port = _free_port(), _free_port(), _free_port()
+        hub_port, sidecar_port, plain_port = free_port(), free_port(), free_port()
         hub, sidecar = f"http://127.0.0.1:{hub_port}", f"http://127.0.0.1:{sidecar_port}"
         cache = work / "cache"
         subprocess.run(
-            _unlockd("hub", "add-user", "--data-dir", str(work / "hub"), "--email", PUBLISHER[0],
+            unlockd("hub", "add-user", "--data-dir", str(work / "hub"), "--email", PUBLISHER[0],
                      "--role", "publisher"),
             env={**env, "UNLOCKD_PASSWORD": PUBLISHER[1]}, check=True,
         )  # fmt: skip
-        hub_args = _unlockd("hub", "--data-dir", str(work / "hub"), "--port", str(hub_port))
-        sidecar_args = _unlockd(
+        hub_args = unlockd("hub", "--data-dir", str(work / "hub"), "--port", str(hub_port))
+        sidecar_args = unlockd(
             "serve", "--port", str(sidecar_port), "--upstream", hub, "--cache-dir", str(cache)
         )
         plain_args = [sys.executable, "-c", _PLAIN_SERVER, str(plain), str(plain_port)]
-        nginx_port = _free_port()
+        nginx_port = free_port()
         nginx = shutil.which("nginx", path=f"{os.environ.get('PATH', '')}:/usr/sbin")
         nginx_url = f"http://127.0.0.1:{nginx_port}/bench.bin"
         with contextlib.ExitStack() as stack:
-            stack.enter_context(_process(hub_args, env, f"{hub}/health", work / "hub.log"))
+            stack.enter_context(process(hub_args, env, f"{hub}/health", work / "hub.log"))
             sidecar_proc = stack.enter_context(
-                _process(sidecar_args, env, f"{sidecar}/health", sidecar_log)
+                process(sidecar_args, env, f"{sidecar}/health", sidecar_log)
             )
             stack.enter_context(
-                _process(plain_args, env, f"http://127.0.0.1:{plain_port}/", work / "plain.log")
+                process(plain_args, env, f"http://127.0.0.1:{plain_port}/", work / "plain.log")
             )
             if nginx is not None:
                 conf = work / "nginx.conf"
                 conf.write_text(_NGINX_CONF.format(work=work, port=nginx_port))
                 stack.enter_context(
-                    _process([nginx, "-c", str(conf)], env, nginx_url, work / "nginx.log")
+                    process([nginx, "-c", str(conf)], env, nginx_url, work / "nginx.log")
                 )
             email, password = PUBLISHER
             httpx.post(
                 f"{sidecar}/login", json={"email": email, "password": password}, timeout=60
             ).raise_for_status()
 
-            peaks = {"start": _vm_hwm(sidecar_proc.pid)}
+            peaks = {"start": memory(sidecar_proc.pid)["VmHWM"]}
             reference_put = _best(args.repeat, lambda: _hub_put_plain(hub, plain))
             upload = _best(
                 args.repeat,
                 lambda: _curl("-F", f"data=@{plain}", f"{sidecar}/upload/bench.bin"),
             )
-            peaks["upload"] = _vm_hwm(sidecar_proc.pid)
+            peaks["upload"] = memory(sidecar_proc.pid)["VmHWM"]
             reference_get = _best(
                 args.repeat, lambda: _curl(f"http://127.0.0.1:{plain_port}/plain")
             )
@@ -264,12 +218,12 @@ def main(argv: list[str]) -> int:
                 return _curl("-X", "POST", f"{sidecar}/load/bench.bin")
 
             cold_load = _best(args.repeat, cold)
-            peaks["cold"] = _vm_hwm(sidecar_proc.pid)
+            peaks["cold"] = memory(sidecar_proc.pid)["VmHWM"]
             _curl("-X", "POST", f"{sidecar}/load/bench.bin")  # make sure it is cached
             warm_load = _best(args.repeat, lambda: _curl("-X", "POST", f"{sidecar}/load/bench.bin"))
-            peaks["warm"] = _vm_hwm(sidecar_proc.pid)
+            peaks["warm"] = memory(sidecar_proc.pid)["VmHWM"]
             p99 = _health_p99(sidecar, downloads=8, samples=args.samples)
-            peak = peaks["8 downloads"] = _vm_hwm(sidecar_proc.pid)
+            peak = peaks["8 downloads"] = memory(sidecar_proc.pid)["VmHWM"]
 
         def rate(seconds: float) -> str:
             return f"{size / seconds / GIB:6.2f} GiB/s"

@@ -15,7 +15,6 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -28,10 +27,11 @@ from typing import TYPE_CHECKING
 
 import httpx
 
+from bench._support import GIB, free_port, memory, process, unlockd
+
 if TYPE_CHECKING:
     from collections.abc import Iterator
 
-GIB = 1 << 30
 ROOT = Path(__file__).resolve().parent.parent
 PUBLISHER = ("bench-publisher@example.com", "bench-publisher-password")
 READER = ("bench-reader@example.com", "bench-reader-password")
@@ -100,12 +100,6 @@ class _Bytes:
         return out
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _engine_ok(host: str) -> bool:
     result = subprocess.run(
         ["docker", "version", "--format", "{{.Server.Version}}"],
@@ -133,43 +127,6 @@ def _engine() -> Iterator[str]:
         subprocess.run(
             [str(ROOT / ".ci" / "dockerd"), "stop", env["UNLOCKD_CI_DOCKER_DIR"]], check=False
         )
-
-
-@contextlib.contextmanager
-def _process(args: list[str], env: dict[str, str], url: str) -> Iterator[subprocess.Popen[bytes]]:
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                stderr = proc.stderr.read().decode() if proc.stderr else ""
-                msg = f"{args[3]} did not start: {stderr}"
-                raise RuntimeError(msg)
-            time.sleep(0.05)
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _unlockd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "unlockd", *args]
-
-
-def _rss(pid: int) -> dict[str, int]:
-    fields = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in {"VmHWM", "VmRSS"}:
-            fields[key] = int(value.split()[0]) // 1024  # MiB
-    return fields
 
 
 def _remove(tag: str, env: dict[str, str]) -> None:
@@ -223,18 +180,18 @@ def main(argv: list[str]) -> int:
         hub_dir = work / "hub"
         for (email, password), role in ((PUBLISHER, "publisher"), (READER, "reader")):
             subprocess.run(
-                _unlockd(
+                unlockd(
                     "hub", "add-user", "--data-dir", str(hub_dir), "--email", email, "--role", role
                 ),
                 env={**env, "UNLOCKD_PASSWORD": password},
                 check=True,
             )
-        hub_port, sidecar_port = _free_port(), _free_port()
+        hub_port, sidecar_port = free_port(), free_port()
         hub_url, sidecar_url = f"http://127.0.0.1:{hub_port}", f"http://127.0.0.1:{sidecar_port}"
-        hub_args = _unlockd("hub", "--data-dir", str(hub_dir), "--port", str(hub_port))
-        with _process(hub_args, env, hub_url):
+        hub_args = unlockd("hub", "--data-dir", str(hub_dir), "--port", str(hub_port))
+        with process(hub_args, env, f"{hub_url}/health", work / "hub.log"):
             t0 = time.perf_counter()
-            seal_args = _unlockd(
+            seal_args = unlockd(
                 "seal",
                 str(plain),
                 str(sealed),
@@ -256,7 +213,7 @@ def main(argv: list[str]) -> int:
                 f"seal: {seal_s:.1f} s "
                 f"({plain.stat().st_size / GIB / seal_s:.2f} GiB/s, CLI incl. startup)"
             )
-            serve_args = _unlockd(
+            serve_args = unlockd(
                 "serve",
                 "--port",
                 str(sidecar_port),
@@ -267,8 +224,8 @@ def main(argv: list[str]) -> int:
                 "--cache-dir",
                 str(work / "cache"),
             )
-            with _process(serve_args, env, sidecar_url) as sidecar:
-                idle = _rss(sidecar.pid)
+            with process(serve_args, env, f"{sidecar_url}/health", work / "sidecar.log") as sidecar:
+                idle = memory(sidecar.pid)
                 _remove(tag, env)
                 loads, unlocks = [], []
                 for i in range(args.rounds):
@@ -278,14 +235,16 @@ def main(argv: list[str]) -> int:
                         f"round {i + 1}: docker load -i {loads[-1]:.2f} s, "
                         f"unlock {unlocks[-1]:.2f} s"
                     )
-                peak = _rss(sidecar.pid)
+                peak = memory(sidecar.pid)
         for what, f in (("best", min), ("median", statistics.median)):
             load, unlock = f(loads), f(unlocks)
             print(
                 f"{what} of {args.rounds}: docker load -i {load:.2f} s, unlock {unlock:.2f} s, "
                 f"ratio {unlock / load:.2f} (target <= 1.3)"
             )
-        print(f"sidecar RSS: idle {idle['VmRSS']} MiB, peak (VmHWM) {peak['VmHWM']} MiB")
+        print(
+            f"sidecar RSS: idle {idle['VmRSS'] >> 20} MiB, peak (VmHWM) {peak['VmHWM'] >> 20} MiB"
+        )
     return 0
 
 

@@ -80,10 +80,12 @@ def _transform(
         with Progress(size, label) as progress:
             while n := _read_into(reader, view, source):
                 # feed() copies or consumes the piece before returning, so the buffer is reused.
-                for piece in feed(view[:n]):
-                    _write(out, piece, destination)
+                with _writing(destination):
+                    out.writelines(feed(view[:n]))
                 progress.advance(n)
-            _write(out, finalize(), destination)
+            last = finalize()
+            with _writing(destination):
+                out.write(last)
 
 
 @contextlib.contextmanager
@@ -115,7 +117,8 @@ def _open_output(path: str) -> Iterator[IO[bytes]]:
     """Yield a binary writer; a file appears at ``path`` only if the block succeeds."""
     if path == _STDIO:
         yield sys.stdout.buffer
-        _flush(sys.stdout.buffer, path)
+        with _writing(path):
+            sys.stdout.buffer.flush()
         return
     target = Path(path)
     if target.is_dir():
@@ -130,7 +133,8 @@ def _open_output(path: str) -> Iterator[IO[bytes]]:
     try:
         with os.fdopen(fd, "wb") as out:
             yield out
-            _flush(out, path)
+            with _writing(path):
+                out.flush()
             # mkstemp made it 0600; give the result the mode open() would have.
             os.fchmod(out.fileno(), 0o666 & ~_umask())
         try:
@@ -160,21 +164,11 @@ def _read_into(reader: IO[bytes], view: memoryview, path: str) -> int:
     return int(n or 0)
 
 
-def _write(out: IO[bytes], data: bytes, path: str) -> None:
+@contextlib.contextmanager
+def _writing(path: str) -> Iterator[None]:
+    """Translate a failed write or flush of ``path`` into one clear error."""
     try:
-        out.write(data)
-    except BrokenPipeError:
-        _close_stdout()
-        msg = "output closed before the end"
-        raise UnlockdError(msg) from None
-    except OSError as exc:
-        msg = f"cannot write {path}: {exc.strerror}"
-        raise UnlockdError(msg) from exc
-
-
-def _flush(out: IO[bytes], path: str) -> None:
-    try:
-        out.flush()
+        yield
     except BrokenPipeError:
         _close_stdout()
         msg = "output closed before the end"
