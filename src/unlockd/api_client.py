@@ -319,7 +319,7 @@ class ApiClient:
         token: str | None = None,
         retry: bool = False,
     ) -> httpx.Response:
-        """Send one request; with ``retry``, transport errors and 5xx are tried again."""
+        """Send one request; with ``retry``, connection errors and 5xx are tried again."""
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
         if content is not None:
             headers["Content-Type"] = "application/octet-stream"
@@ -332,7 +332,8 @@ class ApiClient:
                     method, self._base.join(path), json=json, content=content, headers=headers
                 )
             except httpx.TransportError as exc:
-                if attempt < attempts:
+                # A timeout already cost the whole timeout: retrying would multiply the wait.
+                if attempt < attempts and not isinstance(exc, httpx.TimeoutException):
                     await self._backoff(attempt, method, path, type(exc).__name__)
                     continue
                 self._errors.count(kind)

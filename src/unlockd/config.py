@@ -15,7 +15,7 @@ from unlockd.models import validate_name
 if TYPE_CHECKING:
     from collections.abc import Callable, Mapping
 
-__all__ = ["Settings", "default_cache_dir", "http_url", "integer", "redact_url"]
+__all__ = ["Settings", "default_cache_dir", "http_url", "integer"]
 
 _MIN_SMALL_SIZE = 40  # the small part must hold at least the Tink header
 
@@ -127,20 +127,17 @@ def http_url(key: str, value: object) -> str:
     if parts.scheme not in {"http", "https"} or not parts.hostname:
         msg = f"{key}: expected an http:// or https:// URL, got {text!r}"
         raise InvalidInputError(msg)
+    if "@" in parts.netloc:
+        # httpx would send them as Basic auth in place of our bearer token, and they would
+        # show up wherever the URL is printed.
+        msg = f"{key}: credentials in the URL are not supported"
+        raise InvalidInputError(msg)
     try:
         parts.port  # noqa: B018 - urlsplit validates the port only when it is read
     except ValueError as exc:
         msg = f"{key}: invalid port in {text!r}"
         raise InvalidInputError(msg) from exc
     return text.rstrip("/")
-
-
-def redact_url(value: str) -> str:
-    """Return ``value`` without any ``user:password@`` part, for display."""
-    parts = urlsplit(value)
-    if "@" not in parts.netloc:
-        return value
-    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
 
 
 def _key_id(key: str, value: object) -> str:

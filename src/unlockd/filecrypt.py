@@ -120,11 +120,24 @@ def _open_output(path: str) -> Iterator[IO[bytes]]:
         with _writing(path):
             sys.stdout.buffer.flush()
         return
-    target = Path(path)
-    if target.is_dir():
+    # Through a symlink to its target, not over the link itself.
+    target = Path(path).resolve()
+    if target.is_dir() or path.endswith(os.sep):
         # Checked up front: the rename would fail only after the whole stream was processed.
         msg = f"cannot write {path}: it is a directory"
         raise InvalidInputError(msg)
+    if target.exists() and not target.is_file():
+        # A device or a FIFO (/dev/null, a pipe): write into it, as a shell redirection does.
+        try:
+            special = target.open("wb")
+        except OSError as exc:
+            msg = f"cannot write {path}: {exc.strerror}"
+            raise InvalidInputError(msg) from exc
+        with special:
+            yield special
+            with _writing(path):
+                special.flush()
+        return
     try:
         fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
     except OSError as exc:

@@ -11,7 +11,6 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from unlockd.config import redact_url
 from unlockd.errors import (
     CiphertextError,
     InvalidInputError,
@@ -71,7 +70,7 @@ async def status(request: Request) -> JSONResponse:
             "authenticated": state.api.authenticated,
             "email": state.api.email,
             "model_cache_dir": str(state.settings.cache_dir),
-            "upstream_url": redact_url(state.settings.upstream_url),
+            "upstream_url": state.settings.upstream_url,
             "unlock_state": state.unlock.status()["state"],
         }
     )

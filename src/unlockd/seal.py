@@ -110,7 +110,11 @@ async def seal(  # noqa: PLR0913 - the command's inputs, keyword-only
                 await hub.put_key(key_id, key)
             except ForbiddenError as exc:
                 raise _not_publisher(email, upstream) from exc
-            await anyio.Path(tmp).rename(output)
+            try:
+                await anyio.Path(tmp).rename(output)
+            except OSError as exc:
+                msg = f"cannot write {output}: {exc.strerror or exc}"
+                raise UnlockdError(msg) from exc
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await anyio.Path(tmp).unlink(missing_ok=True)
@@ -155,8 +159,16 @@ def seal_command(args: argparse.Namespace) -> int:
     validate_name(args.key_id, "key id")
     upstream = http_url("--upstream", args.upstream)
     output = Path(args.output)
+    # Checked before anything else: a failure after the key is registered would leave the
+    # hub with a key that no archive on disk matches.
+    if output.is_dir():
+        msg = f"output {args.output!r} is a directory"
+        raise InvalidInputError(msg)
     if not output.parent.is_dir():
         msg = f"output directory {str(output.parent)!r} does not exist"
+        raise InvalidInputError(msg)
+    if not os.access(output.parent, os.W_OK):
+        msg = f"output directory {str(output.parent)!r} is not writable"
         raise InvalidInputError(msg)
     password = read_password(prompt=f"Password for {args.email}: ")
 

@@ -48,7 +48,10 @@ def serve_command(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         archive_key_id=args.archive_key_id,
         api_token=args.api_token,
     )
-    prepare_dir(settings.cache_dir, "the model cache dir (--cache-dir, UNLOCKD_CACHE_DIR)")
+    # A read-only cache still serves: downloads stream from the CDN and /ready says why.
+    prepare_dir(
+        settings.cache_dir, "the model cache dir (--cache-dir, UNLOCKD_CACHE_DIR)", writable=False
+    )
     configure_logging()
     if not settings.loopback and settings.api_token is None:
         logger.warning(
@@ -104,14 +107,14 @@ def dev_command(args: argparse.Namespace) -> int:  # noqa: ARG001 - `unlockd dev
     )
 
 
-def prepare_dir(path: Path, what: str) -> None:
-    """Create ``path`` if needed and check it is writable; InvalidInputError naming ``what``."""
+def prepare_dir(path: Path, what: str, *, writable: bool = True) -> None:
+    """Create ``path`` if needed, check it is ``writable``; InvalidInputError naming ``what``."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         msg = f"cannot create {what} {path}: {exc.strerror or exc}"
         raise InvalidInputError(msg) from exc
-    if not os.access(path, os.W_OK | os.X_OK):
+    if writable and not os.access(path, os.W_OK | os.X_OK):
         msg = f"{what} {path} is not writable"
         raise InvalidInputError(msg)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import os
 import pty
+import stat
 import subprocess
 import sys
 
@@ -266,3 +267,36 @@ def test_filecrypt_output_directory_fails_before_reading(tmp_path, key_file, com
     assert "is a directory" in one_line_error(result, command)
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert list(target.iterdir()) == []
+
+
+def test_filecrypt_output_fifo_written_into_not_replaced(tmp_path, key_file, plaintext):
+    """An OUTPUT that is a FIFO (or a device) is written into, as a shell redirection would."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    reader = subprocess.Popen(["cat", str(fifo)], stdout=subprocess.PIPE)
+    result = unlockd("encrypt", "--key-file", key_file, "-", fifo, stdin=plaintext[:5000])
+    ciphertext, _ = reader.communicate(timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert stat.S_ISFIFO(fifo.lstat().st_mode)
+    decrypted = unlockd("decrypt", "--key-file", key_file, stdin=ciphertext)
+    assert decrypted.stdout == plaintext[:5000]
+
+
+def test_filecrypt_output_symlink_writes_its_target(tmp_path, key_file, plaintext):
+    """An OUTPUT that is a symlink keeps the link and replaces the file it points to."""
+    target = tmp_path / "real.enc"
+    target.write_bytes(b"old")
+    link = tmp_path / "link.enc"
+    link.symlink_to(target)
+    result = unlockd("encrypt", "--key-file", key_file, "-", link, stdin=plaintext[:5000])
+    assert result.returncode == 0, result.stderr
+    assert link.is_symlink()
+    decrypted = unlockd("decrypt", "--key-file", key_file, target)
+    assert decrypted.stdout == plaintext[:5000]
+
+
+def test_filecrypt_output_trailing_slash_fails_before_reading(tmp_path, key_file):
+    """An OUTPUT ending in / names a directory: one line, and nothing is written."""
+    result = unlockd("encrypt", "--key-file", key_file, "-", f"{tmp_path}/out.enc/", stdin=b"x")
+    assert "is a directory" in one_line_error(result, "encrypt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["key"]

@@ -213,3 +213,22 @@ def test_add_user_command_data_dir_from_hub_flag_or_environment(tmp_path, where)
     finally:
         store.close()
     assert not (tmp_path / "not-this-one").exists()
+
+
+@pytest.mark.parametrize("kind", ["file", "uncreatable"])
+def test_add_user_command_bad_data_dir_one_line(tmp_path, kind):
+    """add-user with a data dir that is a file or cannot be created fails in one line."""
+    data_dir = tmp_path / "file" if kind == "file" else tmp_path / "file" / "sub"
+    (tmp_path / "file").write_text("not a directory")
+    result = subprocess.run(
+        [sys.executable, "-m", "unlockd", "hub", "add-user", "--data-dir", str(data_dir),
+         "--email", "a@example.com"],
+        env={**os.environ, "UNLOCKD_PASSWORD": "pw"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stderr.startswith("unlockd hub: cannot create the hub's data dir")
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

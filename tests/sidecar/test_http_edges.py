@@ -1,4 +1,4 @@
-"""Paths, local auth, redaction, readiness, upstream etags and upload limits of the sidecar."""
+"""Paths, local auth, secrets in settings, readiness, upstream etags and upload limits."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from servers import serve
 from unlockd.app import create_app
 from unlockd.config import Settings
 from unlockd.crypto_stream import Encryptor, generate_key
+from unlockd.errors import InvalidInputError
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -73,14 +74,12 @@ def test_settings_repr_hides_api_token():
     assert settings.api_token == "s3cr3t-token"
 
 
-def test_status_upstream_url_without_userinfo(tmp_path):
-    """/status shows the upstream URL without any user:password@ part."""
-    settings = Settings.from_environ(
-        {}, upstream_url="http://user:pa55word@127.0.0.1:9/api", cache_dir=tmp_path
-    )
-    with serve(create_app(settings)) as url:
-        status = httpx.get(f"{url}/status").json()
-    assert status["upstream_url"] == "http://127.0.0.1:9/api"
+@pytest.mark.parametrize("flag", ["upstream_url", "cdn_url"])
+def test_settings_url_with_credentials_rejected(flag):
+    """A user:password@ URL is refused: it would replace the bearer token and leak in output."""
+    with pytest.raises(InvalidInputError, match="credentials in the URL are not supported") as exc:
+        Settings.from_environ({}, **{flag: "http://user:pa55word@127.0.0.1:9/api"})
+    assert "pa55word" not in str(exc.value)
 
 
 @contextlib.contextmanager

@@ -236,3 +236,20 @@ def test_seal_on_terminal_draws_progress_bar(hub_url, tmp_path):
     assert proc.returncode == 0
     assert b"seal" in drawn
     assert b"100%" in drawn
+
+
+async def test_seal_output_directory_fails_before_the_key_changes(hub_url, tmp_path):
+    """OUTPUT naming a directory fails in one line before login: the registered key stays."""
+    (tmp_path / "in.tar").write_bytes(os.urandom(100_000))
+    first = _seal([str(tmp_path / "in.tar"), str(tmp_path / "a.enc"), *_args(hub_url, key_id="k1")])
+    assert first.returncode == 0, first.stderr
+    key = await _key(hub_url, "k1")
+    (tmp_path / "outdir").mkdir()
+    result = _seal(
+        [str(tmp_path / "in.tar"), str(tmp_path / "outdir"), *_args(hub_url, key_id="k1")]
+    )
+    assert result.returncode == 1
+    assert b"is a directory" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert await _key(hub_url, "k1") == key
+    assert _decrypt(tmp_path / "a.enc", key) == (tmp_path / "in.tar").read_bytes()

@@ -46,9 +46,11 @@ def add_user_command(args: argparse.Namespace) -> int:
     add-user``), else ``UNLOCKD_HUB_DATA_DIR``, else the default: the one ``unlockd hub`` uses.
     """
     from unlockd.cli import read_password  # noqa: PLC0415 - cli imports this module lazily
+    from unlockd.server import prepare_dir  # noqa: PLC0415
 
     override = getattr(args, "user_data_dir", None) or args.data_dir
     data_dir = resolve_data_dir(os.environ, override)
+    prepare_dir(data_dir, _DATA_DIR)
     password = read_password()
     add_user(data_dir, args.email, password, args.role)
     print(f"user {args.email} saved with role {args.role} in {data_dir}", file=sys.stderr)  # noqa: T201
