@@ -232,3 +232,18 @@ def test_add_user_command_bad_data_dir_one_line(tmp_path, kind):
     assert result.returncode == 1
     assert result.stderr.startswith("unlockd hub: cannot create the hub's data dir")
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_hub_command_corrupt_database_one_line(tmp_path):
+    """A data dir whose database is not SQLite stops `unlockd hub` with one line, exit 1."""
+    (tmp_path / "hub.sqlite3").write_bytes(b"this is not a database" * 100)
+    result = subprocess.run(
+        [sys.executable, "-m", "unlockd", "hub", "--data-dir", str(tmp_path), "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "cannot open the hub database" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

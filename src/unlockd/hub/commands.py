@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from unlockd.hub.accounts import add_user
 from unlockd.hub.app import create_hub_app
 from unlockd.hub.config import HubSettings, resolve_data_dir
+from unlockd.hub.store import Store
 
 if TYPE_CHECKING:
     import argparse
@@ -33,6 +34,11 @@ def hub_command(args: argparse.Namespace) -> int:
         upload_ttl=args.upload_ttl,
     )
     prepare_dir(settings.data_dir, _DATA_DIR)
+    # Opened once before serving: a corrupt or too-new database is then one line, not the
+    # traceback uvicorn prints for a failing lifespan.
+    store = Store(settings.data_dir)
+    store.open()
+    store.close()
     configure_logging()
     logging.getLogger("unlockd.hub").info("hub data in %s", settings.data_dir)
     app = create_hub_app(settings)
