@@ -11,6 +11,7 @@ import httpx
 
 from unlockd.demo import IMAGE_LABEL
 from unlockd.docker import resolve_docker_host
+from unlockd.seal import seal
 
 PUBLISHER = ("publisher@example.com", "publisher-password")
 READER = ("reader@example.com", "reader-password")
@@ -88,3 +89,15 @@ class Engine:
         for tag in self.tags():
             quoted = urllib.parse.quote(tag, safe="")
             self.client.delete(f"/images/{quoted}", params={"force": "1"})
+
+
+async def seal_archive(hub_url: str, out, plaintext: bytes, key_id: str = "images"):
+    """Seal a plaintext image archive into ``out`` (from memory), its key registered at the hub."""
+
+    async def chunks():
+        yield plaintext
+
+    await seal(
+        chunks(), out, key_id=key_id, upstream=hub_url, email=PUBLISHER[0], password=PUBLISHER[1]
+    )
+    return out

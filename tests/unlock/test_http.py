@@ -10,28 +10,15 @@ import httpx
 import pytest
 
 from servers import serve
-from unlock.support import PUBLISHER, READER
+from unlock.support import PUBLISHER, READER, seal_archive
 from unlockd.app import create_app
 from unlockd.config import Settings
-from unlockd.seal import SealSource, seal
 
 pytestmark = pytest.mark.docker
 
 
 async def _sealed(hub_url, tmp_path, archive_bytes, key_id="images"):
-    plain = tmp_path / "plain.tar"
-    plain.write_bytes(archive_bytes)
-    out = tmp_path / "images.enc"
-    await seal(
-        SealSource(path=str(plain)),
-        out,
-        key_id=key_id,
-        upstream=hub_url,
-        email=PUBLISHER[0],
-        password=PUBLISHER[1],
-    )
-    plain.unlink()
-    return out
+    return await seal_archive(hub_url, tmp_path / "images.enc", archive_bytes, key_id)
 
 
 def _settings(hub_url, docker_host, tmp_path, archive):

@@ -12,13 +12,12 @@ import pytest
 from starlette.responses import JSONResponse
 
 from servers import serve
-from unlock.support import PUBLISHER, READER
+from unlock.support import READER, seal_archive
 from unlockd.api_client import ApiClient
 from unlockd.docker import DockerLoader
 from unlockd.errors import ConflictError, NotFoundError
 from unlockd.hub import HubSettings, add_user, create_hub_app
 from unlockd.metrics import Metrics
-from unlockd.seal import SealSource, seal
 from unlockd.unlock import UnlockManager
 
 pytestmark = pytest.mark.docker
@@ -27,19 +26,8 @@ MARKER = b"unlockd-plaintext-marker-"
 
 
 async def _seal_tags(hub_url, tmp_path, image_archive, images, key_id="images"):
-    plain = tmp_path / "plain-input.tar"
-    plain.write_bytes(image_archive(images))
-    out = tmp_path / "images.enc"
-    await seal(
-        SealSource(path=str(plain)),
-        out,
-        key_id=key_id,
-        upstream=hub_url,
-        email=PUBLISHER[0],
-        password=PUBLISHER[1],
-    )
-    plain.unlink()  # the device only ever holds the sealed archive
-    return out
+    # Sealed from memory: the device only ever holds the sealed archive.
+    return await seal_archive(hub_url, tmp_path / "images.enc", image_archive(images), key_id)
 
 
 def _files(tags, size=0):
@@ -160,17 +148,8 @@ async def test_unlock_docker_unreachable_error(
 
 async def test_unlock_not_an_image_archive_docker_rejects(hub_url, engine, make_manager, tmp_path):
     """An authentic archive whose plaintext is no image tar is 'Docker rejected the archive'."""
-    plain = tmp_path / "junk.bin"
-    plain.write_bytes(b"this is not a tar file\n" * 1000)
-    archive = tmp_path / "junk.enc"
-    await seal(
-        SealSource(path=str(plain)),
-        archive,
-        key_id="junk",
-        upstream=hub_url,
-        email=PUBLISHER[0],
-        password=PUBLISHER[1],
-    )
+    junk = b"this is not a tar file\n" * 1000
+    archive = await seal_archive(hub_url, tmp_path / "junk.enc", junk, key_id="junk")
     manager = await make_manager(archive, key_id="junk")
     status = await _run(manager)
     assert status["state"] == "error"
