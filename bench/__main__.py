@@ -1,8 +1,11 @@
 """Run benchmarks: ``python -m bench [NAME [ARGS...]]``; every ``bench/<name>.py`` when none.
 
-Each benchmark is a module ``bench/<name>.py`` with ``main(argv: list[str]) -> int``.
-``python -m bench crypto sidecar`` runs those two; ``python -m bench crypto -- --flag`` passes
-the arguments after ``--`` to each named benchmark. ``BENCH_GIB`` scales the data sizes.
+Each benchmark is a module ``bench/<name>.py`` with ``main(argv: list[str]) -> int`` that
+prints its own table at the end. ``python -m bench crypto sidecar`` runs those two;
+``python -m bench sidecar -- --pairs 3`` passes the arguments after ``--`` to each named
+benchmark. ``BENCH_GIB`` scales the data sizes (default 1); ``BENCH_PAIRS`` sets the number of
+alternated pairs of the benchmarks that take ``--pairs``. A benchmark that cannot run here (no
+nginx, not enough disk) says why and the others still run.
 """
 
 from __future__ import annotations
@@ -35,7 +38,13 @@ def main(argv: list[str]) -> int:
     for name in names or known:
         module = importlib.import_module(f"bench.{name}")
         print(f"== {name}", flush=True)
-        status = max(status, int(module.main(list(rest))))
+        try:
+            status = max(status, int(module.main(list(rest))))
+        except SystemExit as exc:
+            # argparse errors and "cannot run here" stop one benchmark, not the whole run.
+            if isinstance(exc.code, str):
+                print(exc.code, file=sys.stderr)
+            status = max(status, 1 if isinstance(exc.code, str) else int(exc.code or 0))
     return status
 
 
