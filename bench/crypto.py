@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import statistics
 import struct
 import time
 from typing import TYPE_CHECKING
@@ -31,6 +32,8 @@ from unlockd.crypto_stream import (
     HEADER_SIZE,
     SEGMENT_SIZE,
     TAG_SIZE,
+    Decryptor,
+    Encryptor,
     SegmentCipher,
     SegmentLayout,
     decrypt_stream,
@@ -38,7 +41,7 @@ from unlockd.crypto_stream import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable, Iterator
+    from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 
 CHUNK = 64 * 1024
 GIB = 1 << 30
@@ -90,15 +93,17 @@ class _Workload:
         if remaining:
             yield chunk[:remaining]
 
-    async def ciphertext(self) -> AsyncIterator[memoryview]:
-        for chunk in _chunks(self.first):
-            yield chunk
+    def ciphertext_chunks(self) -> Iterator[memoryview]:
+        """The ciphertext as 64 KiB views; the middle segments all come from one buffer."""
+        yield from _chunks(self.first)
         middle = memoryview(self.middle)
         for index in range(1, self.count - 1):
             self.middle[-TAG_SIZE:] = self.tags[index]
-            for chunk in _chunks(middle):
-                yield chunk
-        for chunk in _chunks(self.last):
+            yield from _chunks(middle)
+        yield from _chunks(self.last)
+
+    async def ciphertext(self) -> AsyncIterator[memoryview]:
+        for chunk in self.ciphertext_chunks():
             yield chunk
 
     def segments(self) -> Iterator[bytes]:
@@ -127,6 +132,16 @@ class _Workload:
             total += len(chunk)
         return total
 
+    def raw_decrypt_aligned_into(self) -> int:
+        total, out = 0, memoryview(bytearray(self.layout.plaintext_segment_size))
+        for index, segment in enumerate(self.segments()):
+            body = memoryview(segment)[HEADER_SIZE:] if index == 0 else memoryview(segment)
+            last = index == self.count - 1
+            n = len(body) - TAG_SIZE
+            self.aead.decrypt_into(self.nonce(index, last=last), body, None, out[:n])
+            total += n
+        return total
+
     def raw_encrypt(self) -> int:
         ps, total = self.layout.plaintext_segment_size, HEADER_SIZE
         total += len(
@@ -139,6 +154,19 @@ class _Workload:
         last = self.plain_segment[: self.last_plain]
         return total + len(self.aead.encrypt(self.nonce(self.count - 1, last=True), last, None))
 
+    def raw_encrypt_into(self) -> int:
+        ps, total = self.layout.plaintext_segment_size, HEADER_SIZE
+        out = memoryview(bytearray(self.layout.segment_size))
+        plain = self.plain_segment
+        for index in range(self.count):
+            n = ps - HEADER_SIZE if index == 0 else ps
+            if index == self.count - 1:
+                n = self.last_plain
+            nonce = self.nonce(index, last=index == self.count - 1)
+            self.aead.encrypt_into(nonce, plain[:n], None, out[: n + TAG_SIZE])
+            total += n + TAG_SIZE
+        return total
+
     def raw_decrypt(self) -> int:
         total = len(
             self.aead.decrypt(self.nonce(0, last=False), memoryview(self.first)[HEADER_SIZE:], None)
@@ -149,6 +177,20 @@ class _Workload:
         return total + len(
             self.aead.decrypt(self.nonce(self.count - 1, last=True), self.last, None)
         )
+
+    def raw_decrypt_into(self) -> int:
+        out = memoryview(bytearray(self.layout.plaintext_segment_size))
+        first = memoryview(self.first)[HEADER_SIZE:]
+        n = len(first) - TAG_SIZE
+        self.aead.decrypt_into(self.nonce(0, last=False), first, None, out[:n])
+        total = n
+        for index in range(1, self.count - 1):
+            self.middle[-TAG_SIZE:] = self.tags[index]
+            self.aead.decrypt_into(self.nonce(index, last=False), self.middle, None, out)
+            total += len(out)
+        n = len(self.last) - TAG_SIZE
+        self.aead.decrypt_into(self.nonce(self.count - 1, last=True), self.last, None, out[:n])
+        return total + n
 
     async def gather(self) -> int:
         """Only copy the ciphertext chunks into a segment buffer: the adapters' floor."""
@@ -169,6 +211,26 @@ class _Workload:
             total += len(chunk)
         return total
 
+    def feed_encrypt(self) -> int:
+        encryptor = Encryptor(self.key)
+        total, feed, chunk = 0, encryptor.feed, self.plain_chunk
+        remaining = self.size
+        while remaining >= CHUNK:
+            for piece in feed(chunk):
+                total += len(piece)
+            remaining -= CHUNK
+        for piece in feed(chunk[:remaining]):
+            total += len(piece)
+        return total + len(encryptor.finalize())
+
+    def feed_decrypt(self) -> int:
+        decryptor = Decryptor(self.key)
+        total, feed = 0, decryptor.feed
+        for chunk in self.ciphertext_chunks():
+            for piece in feed(chunk):
+                total += len(piece)
+        return total + len(decryptor.finalize())
+
     async def adapter_decrypt(self) -> int:
         total = 0
         async for chunk in decrypt_stream(self.ciphertext(), self.key):
@@ -185,84 +247,119 @@ def _chunks(data: bytes | bytearray | memoryview) -> list[memoryview]:
     return [view[i : i + CHUNK] for i in range(0, len(view), CHUNK)]
 
 
-def _best_pair(
-    repeat: int, adapter: Callable[[], int], raw: Callable[[], int], expect: int
-) -> tuple[float, float]:
-    """Best CPU times of ``adapter`` and ``raw``, run alternately so that noise hits both alike.
+def _pairs(repeat: int, runs: dict[str, Callable[[], int]], expect: int) -> dict[str, list[float]]:
+    """CPU seconds of each run, ``repeat`` times, alternated (A, B, C, A, B, C, ...).
 
-    CPU time rather than wall time: the machine is shared (parallel test runs, other
-    benchmarks), and a preempted run would otherwise count another process's work.
+    Alternation makes noise hit every side alike; CPU time rather than wall time because the
+    machine is shared (parallel test runs, other benchmarks), and a preempted run would
+    otherwise count another process's work. Everything here is single-threaded.
     """
-    best = [float("inf"), float("inf")]
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for _ in range(repeat):
-        for slot, run in enumerate((adapter, raw)):
+        for name, run in runs.items():
             start = time.process_time()
             produced = run()
-            best[slot] = min(best[slot], time.process_time() - start)
+            times[name].append(time.process_time() - start)
             if produced != expect:
-                msg = f"produced {produced} bytes, expected {expect}"
+                msg = f"{name} produced {produced} bytes, expected {expect}"
                 raise AssertionError(msg)
-    return best[0], best[1]
+    return times
+
+
+def _row(name: str, times: dict[str, list[float]], mib: float) -> str:
+    """One table line: MiB per CPU second (medians), and medians of the per-pair ratios."""
+    adapter, fresh, into = times["adapter"], times["raw"], times["raw_into"]
+    # The reference is the stronger raw loop: fresh bytes per segment, or one reused buffer.
+    strongest = into if statistics.median(into) < statistics.median(fresh) else fresh
+    ratio = statistics.median(r / a for a, r in zip(adapter, strongest, strict=True))
+    ratio_fresh = statistics.median(r / a for a, r in zip(adapter, fresh, strict=True))
+    return (
+        f"{name:<30} {mib / statistics.median(adapter):>8.0f} "
+        f"{mib / statistics.median(fresh):>10.0f} {mib / statistics.median(into):>10.0f} "
+        f"{ratio:>7.2f} {ratio_fresh:>8.2f}"
+    )
 
 
 def main(argv: list[str]) -> int:
     """Measure and print the table; return 0."""
     parser = argparse.ArgumentParser(prog="python -m bench crypto")
-    parser.add_argument("--repeat", type=int, default=5, help="best of N runs (default 5)")
+    parser.add_argument(
+        "--repeat", type=int, default=5, help="alternated runs of each side (default 5)"
+    )
     args = parser.parse_args(argv)
     work = _Workload(int(float(os.environ.get("BENCH_GIB", "1")) * GIB))
     ciphertext_size = work.layout.ciphertext_size(work.size)
     loop = asyncio.new_event_loop()
-    try:
-        rows = [
-            (
-                "encrypt, 64 KiB chunks",
-                *_best_pair(
-                    args.repeat,
-                    lambda: loop.run_until_complete(work.adapter_encrypt()),
-                    work.raw_encrypt,
-                    ciphertext_size,
-                ),
-            ),
-            (
-                "decrypt, 64 KiB chunks",
-                *_best_pair(
-                    args.repeat,
-                    lambda: loop.run_until_complete(work.adapter_decrypt()),
-                    work.raw_decrypt,
-                    work.size,
-                ),
-            ),
-            (
-                "decrypt, 1 MiB aligned bytes chunks",
-                *_best_pair(
-                    args.repeat,
-                    lambda: loop.run_until_complete(work.adapter_decrypt_aligned()),
-                    work.raw_decrypt_aligned,
-                    work.size,
-                ),
-            ),
-        ]
-        gather, _ = _best_pair(
-            args.repeat,
-            lambda: loop.run_until_complete(work.gather()),
-            lambda: ciphertext_size,
+
+    def run(coroutine: Callable[[], Coroutine[None, None, int]]) -> Callable[[], int]:
+        return lambda: loop.run_until_complete(coroutine())
+
+    cases = [
+        (
+            "encrypt_stream, 64 KiB chunks",
             ciphertext_size,
-        )
+            {
+                "adapter": run(work.adapter_encrypt),
+                "raw": work.raw_encrypt,
+                "raw_into": work.raw_encrypt_into,
+            },
+        ),
+        (
+            "Encryptor.feed, 64 KiB chunks",
+            ciphertext_size,
+            {
+                "adapter": work.feed_encrypt,
+                "raw": work.raw_encrypt,
+                "raw_into": work.raw_encrypt_into,
+            },
+        ),
+        (
+            "decrypt_stream, 64 KiB chunks",
+            work.size,
+            {
+                "adapter": run(work.adapter_decrypt),
+                "raw": work.raw_decrypt,
+                "raw_into": work.raw_decrypt_into,
+            },
+        ),
+        (
+            "Decryptor.feed, 64 KiB chunks",
+            work.size,
+            {
+                "adapter": work.feed_decrypt,
+                "raw": work.raw_decrypt,
+                "raw_into": work.raw_decrypt_into,
+            },
+        ),
+        (
+            "decrypt_stream, 1 MiB bytes",
+            work.size,
+            {
+                "adapter": run(work.adapter_decrypt_aligned),
+                "raw": work.raw_decrypt_aligned,
+                "raw_into": work.raw_decrypt_aligned_into,
+            },
+        ),
+    ]
+    try:
+        rows = [(name, _pairs(args.repeat, runs, expect)) for name, expect, runs in cases]
+        gather = _pairs(args.repeat, {"gather": run(work.gather)}, ciphertext_size)["gather"]
     finally:
         loop.close()
     mib = work.size / (1 << 20)
     print(
-        f"{work.size / GIB:.2f} GiB plaintext, {work.count} segments of 1 MiB, "
-        f"best of {args.repeat}, MiB per CPU second"
+        f"{work.size / GIB:.2f} GiB plaintext, {work.count} segments of 1 MiB; MiB per CPU "
+        f"second (medians of {args.repeat}); ratio = median over alternated runs of raw time / "
+        "adapter time, against the stronger raw loop (fresh bytes or into one reused buffer)"
     )
-    print(f"{'op':<36} {'adapter MiB/s':>14} {'raw AESGCM MiB/s':>17} {'ratio':>6}")
-    for name, adapter, raw in rows:
-        print(f"{name:<36} {mib / adapter:>14.0f} {mib / raw:>17.0f} {raw / adapter:>6.2f}")
+    print(
+        f"{'op':<30} {'adapter':>8} {'raw fresh':>10} {'raw into':>10} {'ratio':>7} {'vs fresh':>8}"
+    )
+    for name, times in rows:
+        print(_row(name, times, mib))
     gib = work.size / GIB
     print(
-        f"per GiB: raw decrypt {rows[1][2] / gib * 1000:.0f} ms, adapter decrypt "
-        f"{rows[1][1] / gib * 1000:.0f} ms, of which gathering the chunks into segments "
-        f"(memcpy) {gather / gib * 1000:.0f} ms"
+        f"per GiB: gathering 64 KiB chunks into segments (memcpy) alone takes "
+        f"{statistics.median(gather) / gib * 1000:.0f} ms"
     )
     return 0

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
-import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import uvicorn
 
+from harness import eventually
+
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import AsyncIterator, Iterator
+
+T = TypeVar("T")
 
 
 @contextlib.contextmanager
@@ -26,15 +30,39 @@ def serve(app: Any, **config: Any) -> Iterator[str]:
     server = uvicorn.Server(uvicorn.Config(app, **config))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            msg = "server did not start"
-            raise RuntimeError(msg)
-        time.sleep(0.01)
+    eventually(lambda: server.started or not thread.is_alive())
+    if not server.started:
+        msg = "server did not start"
+        raise RuntimeError(msg)
     try:
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True
         thread.join(timeout=15)
         sock.close()
+
+
+@contextlib.asynccontextmanager
+async def in_own_task(manager: contextlib.AbstractAsyncContextManager[T]) -> AsyncIterator[T]:
+    """Enter ``manager`` in a task of its own and leave it there when the block ends.
+
+    pytest-asyncio runs an async fixture's setup and teardown in different tasks, and a
+    task group (the cache's, say) must be left in the task that entered it.
+    """
+    entered: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    leave = asyncio.Event()
+
+    async def hold() -> None:
+        async with manager as value:
+            entered.set_result(value)
+            await leave.wait()
+
+    task = asyncio.create_task(hold())
+    await asyncio.wait([entered, task], return_when=asyncio.FIRST_COMPLETED)
+    if not entered.done():
+        await task  # entering failed: raise its error
+    try:
+        yield entered.result()
+    finally:
+        leave.set()
+        await task

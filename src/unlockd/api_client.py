@@ -1,25 +1,25 @@
-"""The upstream API client: login and token renewal, resources, uploads, keys and blobs.
+"""The upstream API client: login and token renewal, resources, uploads and keys.
 
-One :class:`ApiClient` per app, over the app's pooled ``httpx.AsyncClient``; blob bytes come
-from the CDN through :class:`unlockd.cdn.CdnClient`. httpx errors
-and upstream answers are translated into :mod:`unlockd.errors` here. Credentials and
-tokens never appear in logs or error messages.
+One :class:`ApiClient` per app, over the app's pooled ``httpx.AsyncClient`` (blob bytes are
+the transfer layer's business: :mod:`unlockd.blobs`). httpx errors and upstream answers are
+translated into :mod:`unlockd.errors` here, upstream metadata is validated where it is
+parsed. Credentials and tokens never appear in logs or error messages.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import contextlib
 import logging
+import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import httpx
 
-from unlockd.cdn import CdnClient, UpstreamErrors
 from unlockd.crypto_stream import HEADER_SIZE, KEY_SIZE, SegmentLayout
 from unlockd.errors import (
     CredentialsRejectedError,
@@ -31,20 +31,20 @@ from unlockd.errors import (
     TruncatedCiphertextError,
     UpstreamError,
 )
+from unlockd.metrics import Metrics
+from unlockd.retry import API_ATTEMPTS, retrying
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, AsyncIterable
-
-    from unlockd.metrics import Metrics
+    from collections.abc import AsyncIterable, Callable, Iterator
 
 __all__ = ["ApiClient", "ResourceInfo"]
 
 logger = logging.getLogger(__name__)
 
 _LAYOUT = SegmentLayout()
-# Idempotent GETs (resources, keys) ride out a blip: a transport error or a 5xx is retried.
-_GET_ATTEMPTS = 3
-_GET_BACKOFF = 0.1  # seconds before the first retry; doubles with each attempt
+# What an upstream etag may hold: RFC 9110's etagc (§8.8.3) without obs-text; it ends up in
+# ETag headers and cache file names.
+_ETAG = re.compile(r"[\x21\x23-\x7e]{1,128}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,12 +86,13 @@ class ApiClient:
         *,
         cdn_url: str | None = None,
         metrics: Metrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._http = http
+        self._clock = clock  # tokens expire by it; tests pass one they move by hand
         self._base = httpx.URL(upstream_url.rstrip("/") + "/")
         self._cdn_url = httpx.URL(cdn_url) if cdn_url else None
-        self._errors = UpstreamErrors(metrics)
-        self._cdn = CdnClient(metrics=metrics)
+        self._metrics = metrics if metrics is not None else Metrics()
         self._email: str | None = None
         self._password: str | None = None
         self._accepted = False
@@ -101,7 +102,7 @@ class ApiClient:
         # Bumped by every successful login: a request that got a 401 with the token of
         # generation g only logs in again if nobody has done so since g.
         self._generation = 0
-        self._lock = asyncio.Lock()
+        self._lock = anyio.Lock()
 
     @property
     def email(self) -> str | None:
@@ -138,31 +139,36 @@ class ApiClient:
         data = _json_object(response)
         token, expires_in = data.get("token"), data.get("expires_in")
         if not isinstance(token, str) or not token:
-            raise self._errors.invalid("upstream login answer has no token")
+            raise self._invalid("upstream login answer has no token")
         if not isinstance(expires_in, int | float) or isinstance(expires_in, bool):
-            raise self._errors.invalid("upstream login answer has no expires_in")
+            raise self._invalid("upstream login answer has no expires_in")
         # Renew a little early so a token does not expire in flight.
         margin = min(30.0, expires_in / 10)
         self._token = token
-        self._expires_at = time.monotonic() + expires_in - margin
+        self._expires_at = self._clock() + expires_in - margin
         self._generation += 1
         self._accepted = True
         # An optional extension of the protocol (docs/upstream-api.md); None if not named.
         role = data.get("role")
         self._role = role if isinstance(role, str) else None
 
+    async def bearer_token(self) -> str:
+        """A valid upstream token for a request this client does not send itself."""
+        token, _ = await self._valid_token()
+        return token
+
     async def _valid_token(self, stale_generation: int | None = None) -> tuple[str, int]:
         """Return a token and its generation, logging in once if it is missing or stale."""
         if (
             self._token is not None
-            and time.monotonic() < self._expires_at
+            and self._clock() < self._expires_at
             and self._generation != stale_generation
         ):
             return self._token, self._generation
         async with self._lock:
             fresh = (
                 self._token is not None
-                and time.monotonic() < self._expires_at
+                and self._clock() < self._expires_at
                 and self._generation != stale_generation
             )
             if not fresh:
@@ -214,15 +220,15 @@ class ApiClient:
         data = _json_object(response)
         key = self._b64(data.get("key"), "key")
         if len(key) != KEY_SIZE:
-            raise self._errors.invalid("upstream resource key is not 32 bytes")
+            raise self._invalid("upstream resource key is not 32 bytes")
         small = self._b64(data.get("small"), "small")
         big_size, etag, big_url = data.get("big_size"), data.get("etag"), data.get("big_url")
         if not isinstance(big_size, int) or isinstance(big_size, bool) or big_size < 0:
-            raise self._errors.invalid("upstream resource big_size is not a non-negative integer")
-        if not isinstance(etag, str) or not etag:
-            raise self._errors.invalid("upstream resource etag is missing")
+            raise self._invalid("upstream resource big_size is not a non-negative integer")
+        if not isinstance(etag, str) or not _ETAG.fullmatch(etag):
+            raise self._invalid("upstream resource etag is missing or not a valid entity tag")
         if not isinstance(big_url, str) or not big_url:
-            raise self._errors.invalid("upstream resource big_url is missing")
+            raise self._invalid("upstream resource big_url is missing")
         info = ResourceInfo(
             folder=folder,
             name=name,
@@ -233,12 +239,12 @@ class ApiClient:
             big_url=self._blob_url(big_url),
         )
         if len(small) < HEADER_SIZE:
-            raise self._errors.invalid("upstream resource small part is shorter than a header")
+            raise self._invalid("upstream resource small part is shorter than a header")
         try:
             info.plaintext_size  # noqa: B018 - validates the length
         except TruncatedCiphertextError:
             msg = "upstream resource size is not a possible ciphertext length"
-            raise self._errors.invalid(msg) from None
+            raise self._invalid(msg) from None
         return info
 
     async def create_upload(self) -> str:
@@ -246,12 +252,12 @@ class ApiClient:
         response = await self._authed("POST", "uploads", kind="upload")
         upload_id = _json_object(response).get("upload_id")
         if not isinstance(upload_id, str) or not upload_id or "/" in upload_id:
-            raise self._errors.invalid("upstream upload answer has no valid upload_id")
+            raise self._invalid("upstream upload answer has no valid upload_id")
         return upload_id
 
-    async def put_upload(self, upload_id: str, body: AsyncIterable[bytes]) -> None:
-        """Stream ``body`` as the data of the upload (not retried: the stream is consumed)."""
-        await self._authed("PUT", f"uploads/{upload_id}", kind="upload", content=body)
+    def upload_url(self, upload_id: str) -> str:
+        """Where the body of ``upload_id`` goes (``PUT``, see :meth:`BlobClient.put`)."""
+        return str(self._base.join(f"uploads/{upload_id}"))
 
     async def delete_upload(self, upload_id: str) -> None:
         """Abandon an upload; best effort, an unknown upload is fine."""
@@ -272,7 +278,7 @@ class ApiClient:
         )
         etag = _json_object(response).get("etag")
         if not isinstance(etag, str) or not etag:
-            raise self._errors.invalid("upstream publish answer has no etag")
+            raise self._invalid("upstream publish answer has no etag")
         return etag
 
     async def get_key(self, key_id: str) -> bytes:
@@ -280,25 +286,13 @@ class ApiClient:
         response = await self._authed("GET", f"keys/{key_id}", kind="key")
         key = self._b64(_json_object(response).get("key"), "key")
         if len(key) != KEY_SIZE:
-            raise self._errors.invalid("upstream key is not 32 bytes")
+            raise self._invalid("upstream key is not 32 bytes")
         return key
 
     async def put_key(self, key_id: str, key: bytes) -> None:
         """Register the archive key ``key_id`` (publishers only)."""
         body = {"key": base64.b64encode(key).decode("ascii")}
         await self._authed("PUT", f"keys/{key_id}", kind="key", json=body)
-
-    # -- blobs ---------------------------------------------------------------------
-
-    def stream_blob(
-        self, url: str, start: int = 0, end: int | None = None
-    ) -> AsyncGenerator[bytes, None]:
-        """Yield bytes ``[start, end)`` of the blob at ``url`` (see :meth:`CdnClient.stream`)."""
-        return self._cdn.stream(url, start, end)
-
-    async def aclose(self) -> None:
-        """Close the CDN connection pool (the httpx client belongs to the caller)."""
-        await self._cdn.aclose()
 
     def _blob_url(self, big_url: str) -> str:
         url = self._base.join(big_url)
@@ -323,32 +317,32 @@ class ApiClient:
         headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
         if content is not None:
             headers["Content-Type"] = "application/octet-stream"
+        url = self._base.join(path)
         # Never for a login, an upload or a publish (not idempotent, or a consumed stream),
         # nor for the health check, which should report the present.
-        attempts = _GET_ATTEMPTS if retry else 1
-        for attempt in range(1, attempts + 1):
-            try:
-                response = await self._http.request(
-                    method, self._base.join(path), json=json, content=content, headers=headers
-                )
-            except httpx.TransportError as exc:
-                # A timeout already cost the whole timeout: retrying would multiply the wait.
-                if attempt < attempts and not isinstance(exc, httpx.TimeoutException):
-                    await self._backoff(attempt, method, path, type(exc).__name__)
-                    continue
-                self._errors.count(kind)
-                msg = f"upstream unreachable ({type(exc).__name__}) at {method} /{path}"
-                raise UpstreamError(msg) from exc
-            if response.status_code >= 500 and attempt < attempts:
-                await self._backoff(attempt, method, path, f"status {response.status_code}")
-                continue
-            return response
-        raise AssertionError  # pragma: no cover - the loop returns or raises
+        try:
+            with self._map_httpx_errors(method, path, kind):
+                async for attempt in retrying(_retryable, API_ATTEMPTS if retry else 1):
+                    with attempt:
+                        if attempt.num > 1:
+                            logger.warning("upstream %s /%s failed; retrying", method, path)
+                        response = await self._http.request(
+                            method, url, json=json, content=content, headers=headers
+                        )
+                        _ServerError.check(response, retry=retry)
+        except _ServerError as exc:
+            return exc.response  # out of attempts: the caller maps the status
+        return response
 
-    @staticmethod
-    async def _backoff(attempt: int, method: str, path: str, reason: str) -> None:
-        logger.warning("upstream %s /%s failed (%s); retrying", method, path, reason)
-        await asyncio.sleep(_GET_BACKOFF * 2 ** (attempt - 1))
+    @contextlib.contextmanager
+    def _map_httpx_errors(self, method: str, path: str, kind: str) -> Iterator[None]:
+        # The one place that turns httpx's errors into ours, as httpx does with httpcore's.
+        try:
+            yield
+        except httpx.TransportError as exc:
+            self._metrics.upstream_error(kind)
+            msg = f"upstream unreachable ({type(exc).__name__}) at {method} /{path}"
+            raise UpstreamError(msg) from exc
 
     def _check_status(self, response: httpx.Response, kind: str) -> None:
         status = response.status_code
@@ -368,19 +362,45 @@ class ApiClient:
             if detail := _detail(response):
                 msg = f"{msg}: {detail}"
             raise InvalidInputError(msg)
-        self._errors.count(kind)
+        self._metrics.upstream_error(kind)
         msg = f"upstream answered {status} to {response.request.method} {path}"
         raise UpstreamError(msg)
+
+    def _invalid(self, msg: str) -> InvalidUpstreamDataError:
+        """Count and return (for the caller to raise) an error for unusable upstream data."""
+        self._metrics.upstream_error("invalid")
+        return InvalidUpstreamDataError(msg)
 
     def _b64(self, value: object, field: str) -> bytes:
         if not isinstance(value, str):
             msg = f"upstream field {field!r} is missing"
-            raise self._errors.invalid(msg)
+            raise self._invalid(msg)
         try:
             return base64.b64decode(value, validate=True)
         except (binascii.Error, ValueError):
             msg = f"upstream field {field!r} is not base64"
-            raise self._errors.invalid(msg) from None
+            raise self._invalid(msg) from None
+
+
+class _ServerError(Exception):
+    """A 5xx answer to a request that may be retried."""
+
+    def __init__(self, response: httpx.Response) -> None:
+        super().__init__(f"status {response.status_code}")
+        self.response = response
+
+    @classmethod
+    def check(cls, response: httpx.Response, *, retry: bool) -> None:
+        """Raise for a 5xx answer when the request may be retried."""
+        if retry and response.status_code >= 500:
+            raise cls(response)
+
+
+def _retryable(exc: Exception) -> bool:
+    # A timeout already cost the whole timeout: retrying would multiply the wait.
+    if isinstance(exc, httpx.TransportError):
+        return not isinstance(exc, httpx.TimeoutException)
+    return isinstance(exc, _ServerError)
 
 
 def _json_object(response: httpx.Response) -> dict[str, Any]:

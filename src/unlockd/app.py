@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import hmac
-import json
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -12,8 +11,10 @@ import anyio
 import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.responses import JSONResponse
 
 from unlockd.api_client import ApiClient
+from unlockd.blobs import BlobClient
 from unlockd.cache import BigPartCache
 from unlockd.docker import DockerLoader
 from unlockd.httputil import json_exception_handlers
@@ -60,36 +61,33 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     metrics = Metrics()
     app.state.metrics = metrics
-    async with httpx.AsyncClient(timeout=_TIMEOUT, limits=_LIMITS, http1=True) as http:
-        api = ApiClient(http, settings.upstream_url, cdn_url=settings.cdn_url, metrics=metrics)
+    async with contextlib.AsyncExitStack() as stack:
+        # Closed in reverse order: background work first, then the clients it used.
+        http = await stack.enter_async_context(
+            httpx.AsyncClient(timeout=_TIMEOUT, limits=_LIMITS, http1=True)
+        )
+        blobs = BlobClient(metrics)
+        stack.push_async_callback(blobs.aclose)
         docker = DockerLoader(settings.docker_host)
+        stack.push_async_callback(docker.close)
+        # The cache owns its downloads (a failing one must not take the app down); the app's
+        # task group holds the unlock run. Both are cancelled on shutdown.
+        cache = await stack.enter_async_context(BigPartCache(settings.cache_dir, metrics))
+        task_group = await stack.enter_async_context(anyio.create_task_group())
+        stack.callback(task_group.cancel_scope.cancel)
+        api = ApiClient(http, settings.upstream_url, cdn_url=settings.cdn_url, metrics=metrics)
         app.state.api = api
+        app.state.cache = cache
+        app.state.transfers = Transfers(api, cache, blobs, metrics, small_size=settings.small_size)
         app.state.unlock = UnlockManager(
+            task_group,
             archive=settings.archive,
             key_id=settings.archive_key_id,
             api=api,
             docker=docker,
             metrics=metrics,
         )
-        try:
-            async with anyio.create_task_group() as task_group:
-                # The cache tracks its own fill tasks (closed below): a failing fill must not
-                # take the app's task group, and with it the whole app, down.
-                cache = BigPartCache(settings.cache_dir, metrics)
-                app.state.task_group = task_group
-                app.state.cache = cache
-                app.state.transfers = Transfers(api, cache, metrics, small_size=settings.small_size)
-                try:
-                    yield
-                finally:
-                    # Background work (cache fills, an unlock run) is cancelled on shutdown.
-                    with anyio.CancelScope(shield=True):
-                        await cache.aclose()
-                    task_group.cancel_scope.cancel()
-        finally:
-            with anyio.CancelScope(shield=True):
-                await docker.close()
-                await api.aclose()
+        yield
 
 
 class TokenAuthMiddleware:
@@ -109,19 +107,12 @@ class TokenAuthMiddleware:
         if scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self.expected):
             await self.app(scope, receive, send)
             return
-        body = json.dumps({"detail": "missing or wrong local API token"}).encode()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", b"Bearer"),
-                ],
-            }
+        response = JSONResponse(
+            {"detail": "missing or wrong local API token"},
+            status_code=401,
+            headers={"WWW-Authenticate": "Bearer"},
         )
-        await send({"type": "http.response.body", "body": body})
+        await response(scope, receive, send)
 
 
 class RequestMetricsMiddleware:

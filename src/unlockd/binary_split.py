@@ -15,15 +15,17 @@ from unlockd.crypto_stream import HEADER_SIZE
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable, AsyncIterator
 
-__all__ = ["DEFAULT_SMALL_SIZE", "check_small_size", "split"]
+__all__ = ["DEFAULT_SMALL_SIZE", "MIN_SMALL_SIZE", "check_small_size", "split"]
 
 DEFAULT_SMALL_SIZE = 4096
+# The small part holds at least the ciphertext header, so the API alone can tell a bad key.
+MIN_SMALL_SIZE = HEADER_SIZE
 
 
 def check_small_size(small_size: int) -> int:
     """Return ``small_size`` if the small part can hold at least the ciphertext header."""
-    if small_size < HEADER_SIZE:
-        msg = f"small part size must be at least {HEADER_SIZE} bytes, got {small_size}"
+    if small_size < MIN_SMALL_SIZE:
+        msg = f"small part size must be at least {MIN_SMALL_SIZE} bytes, got {small_size}"
         raise ValueError(msg)
     return small_size
 

@@ -8,14 +8,14 @@ readers of a cold entry are served from memory at network speed and fall back to
 file only when they lag behind, so a slow disk does not hold the first client back (it
 only does once the writer lags by more than ``max_lag`` bytes, which bounds memory).
 
-The download belongs to the cache, not to a request: a client that goes away does not
-stop the others; when the last reader goes, an unfinished download is cancelled and its
-temp file removed.
+The download belongs to the cache, not to a request: it runs in the cache's task group,
+entered in the app's lifespan (``async with BigPartCache(...) as cache``). A client that
+goes away does not stop the others; when the last reader goes, an unfinished download is
+cancelled and its temp file removed.
 """
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import contextlib
 import hashlib
@@ -23,15 +23,20 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import AsyncGenerator, Callable, Coroutine
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import AsyncGenerator, Callable
+from typing import TYPE_CHECKING, Protocol, Self
 
 import anyio
+import anyio.to_thread
 
-from unlockd.errors import TruncatedCiphertextError, UpstreamError
+from unlockd.errors import StorageError, UpstreamError
+from unlockd.files import read_exactly_at
 
 if TYPE_CHECKING:
     from pathlib import Path
+    from types import TracebackType
+
+    from anyio.abc import TaskGroup
 
     from unlockd.metrics import Metrics
 
@@ -69,7 +74,7 @@ class BigPartCache:
     def __init__(self, directory: Path, metrics: Metrics) -> None:
         self.directory = directory
         self._metrics = metrics
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._task_group: TaskGroup | None = None
         self._fetches: dict[str, _Fetch] = {}
         directory.mkdir(parents=True, exist_ok=True)
         for stale in directory.glob(f".*{_TEMP_SUFFIX}"):
@@ -163,33 +168,43 @@ class BigPartCache:
         return None
 
     def _start(self, etag: str, size: int, fetch: FetchFunction) -> _Fetch:
+        if self._task_group is None:
+            msg = "the cache is not running: enter it with `async with` first"
+            raise RuntimeError(msg)
         final = self.path(etag)
         temp = final.with_name(f".{final.name}.{secrets.token_hex(6)}{_TEMP_SUFFIX}")
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         entry = _Fetch(self, etag, size, fetch, fd, temp, final)
         self._fetches[etag] = entry
-        self._spawn(entry.run)
-        return entry
-
-    def _spawn(self, function: Callable[[], Coroutine[Any, Any, None]]) -> None:
         # The download belongs to the cache, not to the request that started it.
-        task = asyncio.get_running_loop().create_task(function())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._task_group.start_soon(entry.run, name=f"fetch {etag}")
+        return entry
 
     def _forget(self, entry: _Fetch) -> None:
         if self._fetches.get(entry.etag) is entry:
             del self._fetches[entry.etag]
 
-    async def aclose(self) -> None:
+    async def __aenter__(self) -> Self:
+        task_group = anyio.create_task_group()
+        await task_group.__aenter__()
+        self._task_group = task_group
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> bool | None:
         """Cancel the downloads in progress and wait for them to clean up."""
+        task_group, self._task_group = self._task_group, None
+        assert task_group is not None
         for entry in list(self._fetches.values()):
             entry.cancel()
-        if self._tasks:
-            await asyncio.gather(*self._tasks, return_exceptions=True)
+        return await task_group.__aexit__(exc_type, exc, traceback)
 
 
-class _CacheWriteError(Exception):
+class _CacheWriteError(StorageError):
     """The temp file could not be written; readers switch to the CDN."""
 
 
@@ -381,7 +396,7 @@ class _FileReader:
         if self._fallback is None:
             assert self._fd is not None
             try:
-                await _pread_exact(self._fd, view, offset)
+                await read_exactly_at(self._fd, view, offset)
             except OSError as exc:
                 # A bad disk: the entry cannot be trusted to be read again; the CDN can.
                 logger.warning(
@@ -432,7 +447,7 @@ class _FetchReader:
             elif position < fetch.written:
                 n = min(len(view) - done, fetch.written - position)
                 try:
-                    await _pread_exact(fd, view[done : done + n], position)
+                    await read_exactly_at(fd, view[done : done + n], position)
                 except OSError as exc:
                     reason = f"cannot read the cache: {exc.strerror or exc}"
                     await self._fall_back(reason, view[done:], position)
@@ -512,10 +527,6 @@ def _pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
     return os.pwritev(fd, buffers, offset)
 
 
-def _preadv(fd: int, view: memoryview, offset: int) -> int:
-    return os.preadv(fd, [view], offset)
-
-
 def _unlink(path: Path) -> None:
     with contextlib.suppress(FileNotFoundError):
         path.unlink()
@@ -524,16 +535,6 @@ def _unlink(path: Path) -> None:
 async def _remove(path: Path) -> None:
     # Off the loop: unlinking a multi-GB file frees its blocks, which can take a while.
     await anyio.to_thread.run_sync(_unlink, path)
-
-
-async def _pread_exact(fd: int, view: memoryview, offset: int) -> None:
-    done = 0
-    while done < len(view):
-        n = await anyio.to_thread.run_sync(_preadv, fd, view[done:], offset + done)
-        if n == 0:
-            msg = "cached big part is shorter than expected"
-            raise TruncatedCiphertextError(msg)
-        done += n
 
 
 def _leaf(exc: BaseException) -> BaseException:

@@ -3,43 +3,36 @@
 from __future__ import annotations
 
 import argparse
-import getpass
-import os
 import sys
 from typing import TYPE_CHECKING
 
 from unlockd import __version__
-from unlockd.errors import InvalidInputError, UnlockdError
+from unlockd.errors import UnlockdError
 
 if TYPE_CHECKING:
-    from collections.abc import Mapping, Sequence
+    from collections.abc import Sequence
 
-__all__ = ["main", "read_password"]
+__all__ = ["main"]
 
 
-def read_password(environ: Mapping[str, str] | None = None, prompt: str = "Password: ") -> str:
-    """Return the password from ``UNLOCKD_PASSWORD`` or, on a terminal, a prompt."""
-    environ = os.environ if environ is None else environ
-    if password := environ.get("UNLOCKD_PASSWORD"):
-        return password
-    if not sys.stdin.isatty():
-        msg = "no password: set UNLOCKD_PASSWORD or run on a terminal"
-        raise InvalidInputError(msg)
-    password = getpass.getpass(prompt)
-    if not password:
-        msg = "empty password"
-        raise InvalidInputError(msg)
-    return password
+# Each subcommand's module is imported only when it runs: `unlockd --help` and `unlockd
+# keygen` stay fast without the web stack. Nothing below cli imports it.
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from unlockd.server import serve_command  # noqa: PLC0415
+    from unlockd.commands import serve_command  # noqa: PLC0415 - see above
 
     return serve_command(args)
 
 
+def _seal(args: argparse.Namespace) -> int:
+    from unlockd.commands import seal_command  # noqa: PLC0415
+
+    return seal_command(args)
+
+
 def _dev(args: argparse.Namespace) -> int:
-    from unlockd.server import dev_command  # noqa: PLC0415
+    from unlockd.dev import dev_command  # noqa: PLC0415
 
     return dev_command(args)
 
@@ -48,12 +41,6 @@ def _hub(args: argparse.Namespace) -> int:
     from unlockd.hub.commands import add_user_command, hub_command  # noqa: PLC0415
 
     return add_user_command(args) if args.hub_command == "add-user" else hub_command(args)
-
-
-def _seal(args: argparse.Namespace) -> int:
-    from unlockd.seal import seal_command  # noqa: PLC0415
-
-    return seal_command(args)
 
 
 def _keygen(args: argparse.Namespace) -> int:

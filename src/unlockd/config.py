@@ -1,88 +1,162 @@
-"""The sidecar's settings: one value object, cast and validated once, from an injected environ."""
+"""Settings of the sidecar and the hub: typed, validated once, read from an injected environ.
+
+One mechanism for both, in the style of starlette's ``Config``: a :class:`Config` reads each
+variable through a cast, a command-line flag given for it wins, and an error names the flag or
+the variable that was wrong, never the value of a secret::
+
+    config = Config(environ, flags={"--port": args.port})
+    port = config("UNLOCKD_PORT", port_number, 8600, flag="--port")
+
+A settings class (:class:`Settings` here, ``HubSettings`` for the hub) is a frozen dataclass
+whose defaults are its fields' defaults; a table of :class:`Setting` gives each field its
+variable, cast and flag, :func:`read_settings` reads them, and :func:`validate_settings`
+casts values built in code, with errors naming the field.
+"""
 
 from __future__ import annotations
 
-import dataclasses
+import getpass
 import ipaddress
+import os
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
+from unlockd.binary_split import DEFAULT_SMALL_SIZE, MIN_SMALL_SIZE
 from unlockd.errors import InvalidInputError
 from unlockd.models import validate_name
 
 if TYPE_CHECKING:
-    from collections.abc import Callable, Mapping
+    from collections.abc import Mapping
 
-__all__ = ["Settings", "default_cache_dir", "http_url", "integer"]
+__all__ = [
+    "Cast",
+    "Config",
+    "Setting",
+    "Settings",
+    "at_least",
+    "default_cache_dir",
+    "http_url",
+    "integer",
+    "name",
+    "path",
+    "port_number",
+    "read_password",
+    "read_settings",
+    "secret",
+    "text",
+    "validate_settings",
+]
 
-_MIN_SMALL_SIZE = 40  # the small part must hold at least the Tink header
+T = TypeVar("T")
+D = TypeVar("D")
+
+# A cast takes the name to blame (a variable, flag or field) and a raw value.
+Cast = Callable[[str, object], T]
 
 
-def default_cache_dir(environ: Mapping[str, str]) -> Path:
-    """Return ``$XDG_CACHE_HOME/unlockd/models`` (``~/.cache`` when unset)."""
-    base = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "unlockd" / "models"
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
 
 
-@dataclass(frozen=True)
-class Settings:
-    """Everything ``unlockd serve`` needs to know; build it with :meth:`from_environ`."""
+_REQUIRED: Any = _Marker("REQUIRED")  # no default: Config raises
+_UNSET: Any = _Marker("UNSET")  # read_settings' default: the field keeps its own
 
-    host: str = "127.0.0.1"
-    port: int = 8600
-    upstream_url: str = "http://127.0.0.1:8700"
-    cdn_url: str | None = None
-    cache_dir: Path = field(default_factory=lambda: default_cache_dir({}))
-    archive: Path | None = None
-    archive_key_id: str = "images"
-    api_token: str | None = field(default=None, repr=False)
-    max_upload: int | None = None
-    small_size: int = 4096
-    docker_host: str | None = None
 
-    @classmethod
-    def from_environ(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
-        """Build settings from ``UNLOCKD_*`` variables; an override that is not None wins.
+class Config:
+    """Typed values from ``environ`` (a variable set to "" counts as unset) and from ``flags``.
 
-        Overrides are keyed by field name (``port=8601``), as the command line passes them.
-        Raises :class:`InvalidInputError` naming the variable or flag of a bad value.
+    ``flags`` maps a flag (``"--port"``) to the value the command line gave it, None when it
+    was not given.
+    """
+
+    def __init__(
+        self, environ: Mapping[str, str], flags: Mapping[str, object] | None = None
+    ) -> None:
+        self.environ = environ
+        self.flags = flags or {}
+
+    def __call__(
+        self, variable: str, cast: Cast[T], default: D = _REQUIRED, *, flag: str | None = None
+    ) -> T | D:
+        """Return ``flag``'s value if given, else ``variable``'s, cast; else ``default``.
+
+        Raises :class:`InvalidInputError` naming the flag or variable of a bad value, and
+        naming both when neither is set and there is no default.
         """
-        names = {f.name for f in dataclasses.fields(cls)}
-        if unknown := sorted(set(overrides) - names):
-            msg = f"unknown settings: {', '.join(unknown)}"
-            raise TypeError(msg)
-        values: dict[str, Any] = {"cache_dir": default_cache_dir(environ)}
-        for name, (variable, cast) in _SOURCES.items():
-            override = overrides.get(name)
-            if override is not None:
-                values[name] = cast(_FLAGS.get(name, f"--{name.replace('_', '-')}"), override)
-            elif (raw := environ.get(variable)) is not None and raw != "":
-                values[name] = cast(variable, raw)
-        return cls(**values)
-
-    @property
-    def loopback(self) -> bool:
-        """True when the bind address only accepts local connections."""
-        if self.host == "localhost":
-            return True
-        try:
-            return ipaddress.ip_address(self.host).is_loopback
-        except ValueError:
-            return False
+        if flag is not None and (value := self.flags.get(flag)) is not None:
+            return cast(flag, value)
+        if (raw := self.environ.get(variable)) is not None and raw != "":
+            return cast(variable, raw)
+        if default is _REQUIRED:
+            source = variable if flag is None else f"{flag} or {variable}"
+            msg = f"{source}: required"
+            raise InvalidInputError(msg)
+        return default
 
 
-def _text(key: str, value: object) -> str:
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """Where one field of a settings class comes from: its variable, cast and flag."""
+
+    variable: str
+    cast: Cast[Any]
+    flag: str | None = None
+
+
+def read_settings(
+    environ: Mapping[str, str], table: Mapping[str, Setting], overrides: Mapping[str, object]
+) -> dict[str, Any]:
+    """Return the fields of ``table`` that are set, by field name, as :class:`Config` reads them.
+
+    ``overrides`` are the command line's values keyed by field name (``port=8601``), None for
+    a flag not given; a field absent from the result keeps its dataclass default. An unknown
+    override is a programming error: TypeError.
+    """
+    if unknown := sorted(set(overrides) - set(table)):
+        msg = f"unknown settings: {', '.join(unknown)}"
+        raise TypeError(msg)
+    config = Config(environ, {_flag(name, s): overrides.get(name) for name, s in table.items()})
+    values = {
+        name: config(s.variable, s.cast, _UNSET, flag=_flag(name, s)) for name, s in table.items()
+    }
+    return {name: value for name, value in values.items() if value is not _UNSET}
+
+
+def validate_settings(settings: object, table: Mapping[str, Setting]) -> None:
+    """Cast the fields of a frozen dataclass built in code; errors name the field."""
+    for name, setting in table.items():
+        value = getattr(settings, name)
+        if value is not None:
+            object.__setattr__(settings, name, setting.cast(name, value))
+
+
+def _flag(name: str, setting: Setting) -> str:
+    return setting.flag or f"--{name.replace('_', '-')}"
+
+
+# -- casts: (key, value) -> typed value, InvalidInputError naming key -----------------------
+
+
+def text(key: str, value: object) -> str:
+    """A non-empty string, stripped."""
     if not isinstance(value, str) or not value.strip():
         msg = f"{key}: expected a non-empty string, got {value!r}"
         raise InvalidInputError(msg)
     return value.strip()
 
 
-def _secret(key: str, value: object) -> str:
+def secret(key: str, value: object) -> str:
+    """A non-empty string kept as is; the error never shows it."""
     if not isinstance(value, str) or not value:
-        msg = f"{key}: expected a non-empty string"  # never echo a secret
+        msg = f"{key}: expected a non-empty string"
         raise InvalidInputError(msg)
     return value
 
@@ -108,24 +182,40 @@ def integer(key: str, value: object, minimum: int, maximum: int | None = None) -
     return number
 
 
-def _port(key: str, value: object) -> int:
+def at_least(minimum: int) -> Cast[int]:
+    """A cast to an integer ``>= minimum``."""
+
+    def cast(key: str, value: object) -> int:
+        return integer(key, value, minimum)
+
+    return cast
+
+
+def port_number(key: str, value: object) -> int:
+    """A TCP port, 0 to 65535 (0: any free port)."""
     return integer(key, value, 0, 65535)
 
 
-def _small_size(key: str, value: object) -> int:
-    return integer(key, value, _MIN_SMALL_SIZE)
+def path(key: str, value: object) -> Path:
+    """A filesystem path, ``~`` expanded."""
+    if isinstance(value, Path):
+        return value.expanduser()
+    return Path(text(key, value)).expanduser()
 
 
-def _max_upload(key: str, value: object) -> int:
-    return integer(key, value, 1)
+def name(key: str, value: object) -> str:
+    """A resource or key name (see :func:`unlockd.models.validate_name`)."""
+    return validate_name(text(key, value), key)
 
 
 def http_url(key: str, value: object) -> str:
-    """Validate an http(s) URL without a trailing slash; the error names ``key``."""
-    text = _text(key, value)
-    parts = urlsplit(text)
+    """An http(s) URL without a trailing slash, and without credentials."""
+    url = text(key, value)
+    parts = urlsplit(url)
+    # Shown in errors only without a userinfo part: "user:password@" is a secret.
+    shown = repr(url) if "@" not in url else "a URL with '@' (not shown)"
     if parts.scheme not in {"http", "https"} or not parts.hostname:
-        msg = f"{key}: expected an http:// or https:// URL, got {text!r}"
+        msg = f"{key}: expected an http:// or https:// URL, got {shown}"
         raise InvalidInputError(msg)
     if "@" in parts.netloc:
         # httpx would send them as Basic auth in place of our bearer token, and they would
@@ -135,34 +225,90 @@ def http_url(key: str, value: object) -> str:
     try:
         parts.port  # noqa: B018 - urlsplit validates the port only when it is read
     except ValueError as exc:
-        msg = f"{key}: invalid port in {text!r}"
+        msg = f"{key}: invalid port in {shown}"
         raise InvalidInputError(msg) from exc
-    return text.rstrip("/")
+    return url.rstrip("/")
 
 
-def _key_id(key: str, value: object) -> str:
-    return validate_name(_text(key, value), key)
+# -- the sidecar --------------------------------------------------------------------------
 
 
-def _path(key: str, value: object) -> Path:
-    if isinstance(value, Path):
-        return value.expanduser()
-    return Path(_text(key, value)).expanduser()
+def default_cache_dir(environ: Mapping[str, str]) -> Path:
+    """Return ``$XDG_CACHE_HOME/unlockd/models`` (``~/.cache`` when unset)."""
+    base = environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "unlockd" / "models"
 
 
-# Fields whose flag is not the field's name (the rest are ``--field-name``).
-_FLAGS = {"upstream_url": "--upstream", "cdn_url": "--cdn"}
+@dataclass(frozen=True)
+class Settings:
+    """Everything ``unlockd serve`` needs to know; build it with :meth:`from_environ`."""
 
-_SOURCES: dict[str, tuple[str, Callable[[str, object], Any]]] = {
-    "host": ("UNLOCKD_HOST", _text),
-    "port": ("UNLOCKD_PORT", _port),
-    "upstream_url": ("UNLOCKD_UPSTREAM_URL", http_url),
-    "cdn_url": ("UNLOCKD_CDN_URL", http_url),
-    "cache_dir": ("UNLOCKD_CACHE_DIR", _path),
-    "archive": ("UNLOCKD_ARCHIVE", _path),
-    "archive_key_id": ("UNLOCKD_ARCHIVE_KEY_ID", _key_id),
-    "api_token": ("UNLOCKD_API_TOKEN", _secret),
-    "max_upload": ("UNLOCKD_MAX_UPLOAD", _max_upload),
-    "small_size": ("UNLOCKD_SMALL_SIZE", _small_size),
-    "docker_host": ("DOCKER_HOST", _text),
+    host: str = "127.0.0.1"
+    port: int = 8600
+    upstream_url: str = "http://127.0.0.1:8700"
+    cdn_url: str | None = None
+    cache_dir: Path = field(default_factory=lambda: default_cache_dir({}))
+    archive: Path | None = None
+    archive_key_id: str = "images"
+    api_token: str | None = field(default=None, repr=False)
+    max_upload: int | None = None
+    small_size: int = DEFAULT_SMALL_SIZE
+    docker_host: str | None = None
+
+    def __post_init__(self) -> None:
+        validate_settings(self, _SIDECAR)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str], **overrides: Any) -> Settings:
+        """Build settings from ``UNLOCKD_*`` variables; an override that is not None wins.
+
+        Overrides are keyed by field name (``port=8601``), as the command line passes them.
+        Raises :class:`InvalidInputError` naming the variable or flag of a bad value.
+        """
+        values = read_settings(environ, _SIDECAR, overrides)
+        values.setdefault("cache_dir", default_cache_dir(environ))
+        return cls(**values)
+
+    @property
+    def loopback(self) -> bool:
+        """True when the bind address only accepts local connections."""
+        if self.host == "localhost":
+            return True
+        try:
+            return ipaddress.ip_address(self.host).is_loopback
+        except ValueError:
+            return False
+
+
+_SIDECAR = {
+    "host": Setting("UNLOCKD_HOST", text),
+    "port": Setting("UNLOCKD_PORT", port_number),
+    "upstream_url": Setting("UNLOCKD_UPSTREAM_URL", http_url, "--upstream"),
+    "cdn_url": Setting("UNLOCKD_CDN_URL", http_url, "--cdn"),
+    "cache_dir": Setting("UNLOCKD_CACHE_DIR", path),
+    "archive": Setting("UNLOCKD_ARCHIVE", path),
+    "archive_key_id": Setting("UNLOCKD_ARCHIVE_KEY_ID", name),
+    "api_token": Setting("UNLOCKD_API_TOKEN", secret),
+    "max_upload": Setting("UNLOCKD_MAX_UPLOAD", at_least(1)),
+    # The small part must hold at least the ciphertext header.
+    "small_size": Setting("UNLOCKD_SMALL_SIZE", at_least(MIN_SMALL_SIZE)),
+    "docker_host": Setting("DOCKER_HOST", text),
 }
+
+
+# -- passwords ----------------------------------------------------------------------------
+
+
+def read_password(environ: Mapping[str, str] | None = None, prompt: str = "Password: ") -> str:
+    """Return the password from ``UNLOCKD_PASSWORD`` or, on a terminal, a prompt; never argv."""
+    environ = os.environ if environ is None else environ
+    if password := environ.get("UNLOCKD_PASSWORD"):
+        return password
+    if not sys.stdin.isatty():
+        msg = "no password: set UNLOCKD_PASSWORD or run on a terminal"
+        raise InvalidInputError(msg)
+    password = getpass.getpass(prompt)
+    if not password:
+        msg = "empty password"
+        raise InvalidInputError(msg)
+    return password

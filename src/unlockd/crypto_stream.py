@@ -59,7 +59,6 @@ __all__ = [
     "encode_key",
     "encrypt_stream",
     "generate_key",
-    "read_key_file",
 ]
 
 KEY_SIZE = 32
@@ -92,17 +91,6 @@ def decode_key(text: str | bytes) -> bytes:
         raise InvalidKeyError(msg) from exc
     _check_key(key)
     return key
-
-
-def read_key_file(path: str | os.PathLike[str]) -> bytes:
-    """Read a key file written by ``unlockd keygen``."""
-    try:
-        with open(path, "rb") as f:  # noqa: PTH123
-            text = f.read(4096)
-    except OSError as exc:
-        msg = f"cannot read key file {os.fspath(path)!r}: {exc.strerror}"
-        raise InvalidKeyError(msg) from exc
-    return decode_key(text)
 
 
 def _check_key(key: bytes) -> None:
@@ -235,25 +223,7 @@ class SegmentCipher:
         return True
 
 
-# Performance (bench/crypto.py, 1 GiB fed as 64 KiB chunks, CPU time on the 2-core target):
-# raw AES-GCM over 1 MiB segments takes ~115 ms/GiB; the adapters add ~25 ms to gather the
-# chunks into a segment and ~15 ms of Python per chunk, hence a ratio of ~0.73.
-# - Gathering goes through a memoryview of one reused buffer: slice assignment into a
-#   memoryview is a plain memcpy, into a bytearray it is twice as slow. A segment that lies
-#   whole in one chunk is sealed/opened in place, and a ``bytes`` chunk that ends with a whole
-#   segment is kept by reference, so reads of exactly one segment (e.g. from the cache) are
-#   never copied.
-# - Output is a fresh ``bytes`` per segment from ``AESGCM.encrypt``/``decrypt``: cheaper than
-#   ``*_into`` a reused buffer plus ``bytes(...)`` (one pass instead of two: decrypting 1 GiB
-#   of cached 1 MiB segments takes ~0.19 s vs ~0.21 s; transfers.Download uses ``open`` too).
-#   glibc serves these 1 MiB blocks from the heap once its dynamic mmap threshold has risen past
-#   them at the first free, so no ``mallopt`` is needed; setting the threshold by hand
-#   (M_MMAP_THRESHOLD or MALLOC_MMAP_THRESHOLD_) also freezes the trim threshold, and every segment
-#   then page-faults: measured 5x slower.
-# - We do not yield views of a reused output buffer: uvloop's ``transport.write`` keeps a
-#   reference to a non-``bytes`` buffer it could not send at once (uvicorn only awaits drain
-#   above the high-water mark), so the next segment would overwrite bytes still queued for
-#   the socket. It would not reach 0.9 either, as the gathering copy stays.
+# Why the segments are gathered and each comes out as a fresh ``bytes``: docs/performance.md.
 
 
 class Encryptor:
@@ -289,14 +259,16 @@ class Encryptor:
 
     def feed(self, data: Buffer) -> list[bytes]:
         """Like :meth:`update`, but return the ciphertext as pieces (at most a segment each)."""
-        out = self._start()
         view = _byte_view(data)
-        pos, end, filled = 0, len(view), self._filled
-        if end <= self._capacity - filled:
+        end, filled = len(view), self._filled
+        if end <= self._capacity - filled and self._header_sent:
             # The common case (chunks smaller than a segment), kept short: it runs per chunk.
+            # A finalized encryptor has no capacity left, so it never gets here.
             self._buf[filled : filled + end] = view
             self._filled = filled + end
-            return out
+            return []
+        out = self._start()
+        pos = 0
         view = memoryview(view)  # slices below must not copy
         while pos < end:
             if self._filled == self._capacity:
@@ -318,6 +290,7 @@ class Encryptor:
         out = self._start()
         out.append(self._seal(self._buf[: self._filled], last=True))
         self._finished = True
+        self._capacity = -1
         return _join(out)
 
     def _start(self) -> list[bytes]:
@@ -494,9 +467,14 @@ async def encrypt_stream(
 ) -> AsyncIterator[bytes]:
     """Encrypt an async stream of plaintext chunks; yield ciphertext as segments complete."""
     encryptor = Encryptor(key, associated_data, segment_size=segment_size)
+    feed = encryptor.feed
     async for chunk in chunks:
+        if len(chunk) <= segment_size:
+            for ciphertext in feed(chunk):
+                yield ciphertext
+            continue
         for piece in _pieces(chunk, segment_size):
-            for ciphertext in encryptor.feed(piece):
+            for ciphertext in feed(piece):
                 yield ciphertext
     yield encryptor.finalize()
 
@@ -510,9 +488,14 @@ async def decrypt_stream(
 ) -> AsyncIterator[bytes]:
     """Decrypt an async stream of ciphertext chunks; yield only authenticated plaintext."""
     decryptor = Decryptor(key, associated_data, segment_size=segment_size)
+    feed = decryptor.feed
     async for chunk in chunks:
+        if len(chunk) <= segment_size:
+            for plaintext in feed(chunk):
+                yield plaintext
+            continue
         for piece in _pieces(chunk, segment_size):
-            for plaintext in decryptor.feed(piece):
+            for plaintext in feed(piece):
                 yield plaintext
     if plaintext := decryptor.finalize():
         yield plaintext

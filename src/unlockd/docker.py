@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import urllib.parse
@@ -9,16 +10,14 @@ from typing import TYPE_CHECKING, Any
 
 import aiodocker
 import aiohttp
-from aiohttp.payload import AsyncIterablePayload
 
+from unlockd.blobs import StreamedBody
 from unlockd.crypto_stream import SEGMENT_SIZE
 from unlockd.errors import DockerError
 
 if TYPE_CHECKING:
-    import asyncio
-    from collections.abc import AsyncIterable, AsyncIterator, Mapping
+    from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping
 
-    from aiohttp.abc import AbstractStreamWriter
 
 __all__ = ["DEFAULT_DOCKER_HOST", "DockerLoader", "resolve_docker_host"]
 
@@ -69,42 +68,29 @@ class DockerLoader:
         before its end, so the engine discards the partial archive, and that exception is
         re-raised as is. Engine failures raise :class:`DockerError`.
         """
-        source_failure: list[BaseException] = []
-
-        async def body() -> AsyncIterator[bytes]:
-            try:
-                async for chunk in tar_stream:
-                    yield chunk
-            except Exception as exc:
-                # aiohttp wraps a failing body in a connection error, which aiodocker reports
-                # as "cannot connect"; keep the real cause to re-raise it.
-                source_failure.append(exc)
-                raise
-
+        # aiohttp wraps a failing body in a connection error, which aiodocker reports as
+        # "cannot connect": the body keeps the real cause to re-raise it.
+        body = StreamedBody(tar_stream)
         images: list[str] = []
         try:
-            stream = self._docker().images.import_image(_AbortingBody(body()), stream=True)
-            async for item in stream:
-                images.extend(_loaded_images(item))
-        except aiodocker.DockerError as exc:
-            if source_failure:
-                raise source_failure[0] from None
-            raise _translate(exc) from exc
-        except aiohttp.ClientError as exc:
-            if source_failure:
-                raise source_failure[0] from None
-            msg = f"Docker engine unreachable: connection to {self.docker_host} failed: {exc}"
-            raise DockerError(msg) from exc
+            with self._map_errors("Docker rejected the archive"):
+                stream = self._docker().images.import_image(body, stream=True)
+                async for item in stream:
+                    images.extend(_loaded_images(item))
+        except DockerError:
+            if body.failure is not None:
+                raise body.failure from None
+            raise
         # aiodocker ends a JSON stream quietly when the connection drops.
-        if source_failure:
-            raise source_failure[0]
+        if body.failure is not None:
+            raise body.failure
         return images
 
     async def export(self, names: list[str]) -> AsyncIterator[bytes]:
         """Stream one ``docker save`` archive of the images ``names`` (``GET /images/get``)."""
         # aiodocker's export_image takes one name; the endpoint takes several, sharing layers.
         query = urllib.parse.urlencode([("names", name) for name in names])
-        try:
+        with self._map_errors(f"Docker cannot export {', '.join(names)}"):
             async with self._docker()._query(f"images/get?{query}") as response:  # noqa: SLF001
                 try:
                     # Segment-sized chunks: what the encryptor that consumes them seals at once.
@@ -112,10 +98,18 @@ class DockerLoader:
                         yield chunk
                 finally:
                     response.close()  # aiodocker's _query leaves releasing to the caller
+
+    @contextlib.contextmanager
+    def _map_errors(self, refused: str) -> Iterator[None]:
+        """Turn aiodocker's and aiohttp's errors into DockerError; ``refused`` leads a refusal."""
+        try:
+            yield
         except aiodocker.DockerError as exc:
-            if exc.status >= 900:
-                raise _translate(exc) from exc
-            msg = f"Docker cannot export {', '.join(names)}: {exc.message.strip()}"
+            # aiodocker's status 900 means the connection could not be made.
+            if exc.status < 900 or isinstance(exc, aiodocker.DockerStreamError):
+                msg = f"{refused}: {exc.message.strip()}"
+            else:
+                msg = f"Docker engine unreachable: {exc.message.strip()}"
             raise DockerError(msg) from exc
         except aiohttp.ClientError as exc:
             msg = f"Docker engine unreachable: connection to {self.docker_host} failed: {exc}"
@@ -126,35 +120,6 @@ class DockerLoader:
         if self._client is not None:
             client, self._client = self._client, None
             await client.close()
-
-
-class _AbortingBody(AsyncIterablePayload):
-    """A streamed request body whose connection is aborted, not flushed, when it fails.
-
-    aiohttp closes the connection gracefully, which first sends what is buffered and may
-    linger while the engine reads; aborting cuts the archive off at once and frees the socket.
-    """
-
-    async def write_with_length(
-        self, writer: AbstractStreamWriter, content_length: int | None
-    ) -> None:
-        # Taken now: aiohttp drops the protocol's transport when it closes the connection.
-        transport: asyncio.Transport | None = getattr(writer, "transport", None)
-        try:
-            await super().write_with_length(writer, content_length)
-        except BaseException:
-            if transport is not None:
-                transport.abort()
-            raise
-
-
-def _translate(exc: aiodocker.DockerError) -> DockerError:
-    if isinstance(exc, aiodocker.DockerStreamError) or exc.status < 900:
-        msg = f"Docker rejected the archive: {exc.message.strip()}"
-    else:
-        # aiodocker's status 900 means the connection could not be made.
-        msg = f"Docker engine unreachable: {exc.message.strip()}"
-    return DockerError(msg)
 
 
 def _loaded_images(item: Any) -> list[str]:

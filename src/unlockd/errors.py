@@ -16,6 +16,7 @@ through ``status_code``::
     ├── RangeNotSatisfiableError     416
     ├── UpstreamError                502  upstream unreachable or misbehaving
     │   └── InvalidUpstreamDataError 502  upstream bytes that do not decrypt or parse
+    ├── StorageError                 500  a local disk or database failed (full, read-only, gone)
     ├── CiphertextError              502  (as seen by the sidecar: the data came from upstream)
     │   ├── AuthenticationFailedError     a segment did not authenticate
     │   ├── TruncatedCiphertextError      the stream ended without its last segment
@@ -39,6 +40,7 @@ __all__ = [
     "NotFoundError",
     "PayloadTooLargeError",
     "RangeNotSatisfiableError",
+    "StorageError",
     "TrailingDataError",
     "TruncatedCiphertextError",
     "UnlockdError",
@@ -102,6 +104,10 @@ class UpstreamError(UnlockdError):
 
 class InvalidUpstreamDataError(UpstreamError):
     pass
+
+
+class StorageError(UnlockdError):
+    """A local file or database could not be read or written; the message says which."""
 
 
 class CiphertextError(UnlockdError):

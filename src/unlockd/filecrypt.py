@@ -12,12 +12,17 @@ import contextlib
 import os
 import stat
 import sys
-import tempfile
 from pathlib import Path
 from typing import IO, TYPE_CHECKING
 
-from unlockd.crypto_stream import Decryptor, Encryptor, encode_key, generate_key, read_key_file
-from unlockd.errors import ConflictError, InvalidInputError, UnlockdError
+from unlockd.crypto_stream import Decryptor, Encryptor, decode_key, encode_key, generate_key
+from unlockd.errors import (
+    ConflictError,
+    InvalidInputError,
+    InvalidKeyError,
+    StorageError,
+)
+from unlockd.files import AtomicFile
 from unlockd.progress import Progress
 
 if TYPE_CHECKING:
@@ -28,6 +33,17 @@ __all__ = ["decrypt_command", "encrypt_command", "keygen_command"]
 
 _READ_SIZE = 1 << 20
 _STDIO = "-"
+
+
+def read_key_file(path: str | os.PathLike[str]) -> bytes:
+    """Read a key file written by ``unlockd keygen``."""
+    try:
+        with Path(path).open("rb") as f:
+            text = f.read(4096)
+    except OSError as exc:
+        msg = f"cannot read key file {os.fspath(path)!r}: {exc.strerror}"
+        raise InvalidKeyError(msg) from exc
+    return decode_key(text)
 
 
 def keygen_command(args: argparse.Namespace) -> int:
@@ -138,33 +154,19 @@ def _open_output(path: str) -> Iterator[IO[bytes]]:
             with _writing(path):
                 special.flush()
         return
+    # 0666 as open() would, less the umask: the result is an ordinary file of the user's.
+    temp = AtomicFile(target, mode=0o666)
     try:
-        fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        temp.open()
     except OSError as exc:
         msg = f"cannot write {path}: {exc.strerror}"
         raise InvalidInputError(msg) from exc
     try:
-        with os.fdopen(fd, "wb") as out:
-            yield out
-            with _writing(path):
-                out.flush()
-            # mkstemp made it 0600; give the result the mode open() would have.
-            os.fchmod(out.fileno(), 0o666 & ~_umask())
-        try:
-            Path(temp).replace(target)
-        except OSError as exc:
-            msg = f"cannot write {path}: {exc.strerror or exc}"
-            raise UnlockdError(msg) from exc
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    # The only way to read the umask is to set it; the CLI is single-threaded here.
-    mask = os.umask(0o077)
-    os.umask(mask)
-    return mask
+        yield temp.file
+        with _writing(path):
+            temp.publish()
+    finally:
+        temp.discard()
 
 
 def _read_into(reader: IO[bytes], view: memoryview, path: str) -> int:
@@ -185,10 +187,10 @@ def _writing(path: str) -> Iterator[None]:
     except BrokenPipeError:
         _close_stdout()
         msg = "output closed before the end"
-        raise UnlockdError(msg) from None
+        raise StorageError(msg) from None
     except OSError as exc:
         msg = f"cannot write {path}: {exc.strerror}"
-        raise UnlockdError(msg) from exc
+        raise StorageError(msg) from exc
 
 
 def _close_stdout() -> None:

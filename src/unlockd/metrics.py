@@ -54,6 +54,10 @@ class Metrics:
         )
         self.unlock_state.state(UnlockState.IDLE.value)
 
+    def upstream_error(self, kind: str) -> None:
+        """Count one failed upstream or CDN call of ``kind`` (login, resource, blob, ...)."""
+        self.upstream_errors.labels(kind=kind).inc()
+
     def render(self) -> tuple[bytes, str]:
         """Return the exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

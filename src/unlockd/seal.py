@@ -1,8 +1,7 @@
-"""``unlockd seal``: encrypt a ``docker save`` archive and register its key at the hub."""
+"""Sealing: encrypt a ``docker save`` archive and register its key at the hub (``unlockd seal``)."""
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,18 +11,16 @@ import anyio
 import httpx
 
 from unlockd.api_client import ApiClient
-from unlockd.config import http_url
 from unlockd.crypto_stream import encrypt_stream, generate_key
 from unlockd.docker import DockerLoader
-from unlockd.errors import ForbiddenError, InvalidInputError, UnlockdError
+from unlockd.errors import ForbiddenError, InvalidInputError, StorageError
+from unlockd.files import AtomicFile
 from unlockd.models import validate_name
-from unlockd.progress import Progress
 
 if TYPE_CHECKING:
-    import argparse
     from collections.abc import AsyncIterable, AsyncIterator, Callable
 
-__all__ = ["SealSource", "seal", "seal_command"]
+__all__ = ["SealSource", "seal"]
 
 CHUNK_SIZE = 1 << 20
 
@@ -103,22 +100,16 @@ async def seal(  # noqa: PLR0913 - the command's inputs, keyword-only
         await hub.login(email, password)
         if hub.role not in {None, "publisher"}:
             raise _not_publisher(email, upstream)
-        tmp = output.with_name(f".{output.name}.{os.urandom(6).hex()}.tmp")
         try:
-            written = await _write(tmp, encrypt_stream(_counted(source, on_progress), key))
-            try:
-                await hub.put_key(key_id, key)
-            except ForbiddenError as exc:
-                raise _not_publisher(email, upstream) from exc
-            try:
-                await anyio.Path(tmp).rename(output)
-            except OSError as exc:
-                msg = f"cannot write {output}: {exc.strerror or exc}"
-                raise UnlockdError(msg) from exc
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await anyio.Path(tmp).unlink(missing_ok=True)
-            raise
+            async with AtomicFile(output, mode=0o666) as temp:
+                written = await _write(temp, encrypt_stream(_counted(source, on_progress), key))
+                try:
+                    await hub.put_key(key_id, key)
+                except ForbiddenError as exc:
+                    raise _not_publisher(email, upstream) from exc
+        except OSError as exc:
+            msg = f"cannot write {output}: {exc.strerror or exc}"
+            raise StorageError(msg) from exc
     return written
 
 
@@ -136,56 +127,9 @@ async def _counted(
         yield chunk
 
 
-async def _write(path: Path, chunks: AsyncIterator[bytes]) -> int:
+async def _write(temp: AtomicFile, chunks: AsyncIterator[bytes]) -> int:
     written = 0
-    try:
-        async with await anyio.open_file(path, "xb") as file:
-            async for chunk in chunks:
-                await file.write(chunk)
-                written += len(chunk)
-            await file.flush()
-            await anyio.to_thread.run_sync(os.fsync, file.wrapped.fileno())
-    except OSError as exc:
-        msg = f"cannot write {path.parent}: {exc.strerror or exc}"
-        raise UnlockdError(msg) from exc
+    async for chunk in chunks:
+        await anyio.to_thread.run_sync(temp.file.write, chunk)
+        written += len(chunk)
     return written
-
-
-def seal_command(args: argparse.Namespace) -> int:
-    """Run ``unlockd seal`` from parsed arguments; return the exit status."""
-    from unlockd.cli import read_password  # noqa: PLC0415 - cli imports this module lazily
-
-    source = SealSource.parse(args.input, list(args.image))
-    validate_name(args.key_id, "key id")
-    upstream = http_url("--upstream", args.upstream)
-    output = Path(args.output)
-    # Checked before anything else: a failure after the key is registered would leave the
-    # hub with a key that no archive on disk matches.
-    if output.is_dir():
-        msg = f"output {args.output!r} is a directory"
-        raise InvalidInputError(msg)
-    if not output.parent.is_dir():
-        msg = f"output directory {str(output.parent)!r} does not exist"
-        raise InvalidInputError(msg)
-    if not os.access(output.parent, os.W_OK):
-        msg = f"output directory {str(output.parent)!r} is not writable"
-        raise InvalidInputError(msg)
-    password = read_password(prompt=f"Password for {args.email}: ")
-
-    async def run() -> int:
-        with Progress(await source.size(), "seal") as progress:
-            return await seal(
-                source,
-                output,
-                key_id=args.key_id,
-                upstream=upstream,
-                email=args.email,
-                password=password,
-                on_progress=progress.advance,
-            )
-
-    size = anyio.run(run)
-    print(  # noqa: T201
-        f"sealed {output} ({size} bytes); key {args.key_id!r} registered at {upstream}"
-    )
-    return 0

@@ -8,12 +8,14 @@ first bytes kept as the small part, the rest streamed to the upstream → publis
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.lowlevel
 
-from unlockd.binary_split import check_small_size, split
+from unlockd.binary_split import DEFAULT_SMALL_SIZE, check_small_size, split
 from unlockd.crypto_stream import (
     HEADER_SIZE,
     SegmentCipher,
@@ -28,9 +30,10 @@ from unlockd.errors import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
+    from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 
     from unlockd.api_client import ApiClient, ResourceInfo
+    from unlockd.blobs import BlobClient
     from unlockd.cache import BigPartCache, BigPartReader
     from unlockd.metrics import Metrics
 
@@ -39,82 +42,41 @@ __all__ = ["Download", "Transfers"]
 logger = logging.getLogger(__name__)
 
 _ABANDON_TIMEOUT = 30.0
+_LAYOUT = SegmentLayout()
 
 
-class Download:
-    """A prepared plaintext stream; the first segment of the range is already authenticated."""
+class _Segments:
+    """Authenticated plaintext of consecutive segments: small part, then big part, decrypted."""
 
-    def __init__(  # noqa: PLR0913 - assembled by Transfers.open_download only
+    def __init__(
         self,
-        transfers: Transfers,
         resource: ResourceInfo,
-        start: int,
-        end: int,
-        *,
-        first_segment: int,
-        last_segment: int,
+        reader: BigPartReader | None,
+        index: int,
+        layout: SegmentLayout,
     ) -> None:
-        self.resource = resource
-        self.size = resource.plaintext_size
-        self.etag = resource.etag
-        self.start = start
-        self.end = end
-        self._transfers = transfers
-        self._layout = transfers.layout
+        self._small = resource.small
+        self._size = resource.ciphertext_size
         self._cipher = SegmentCipher(
             resource.key, resource.small[:HEADER_SIZE], resource.name.encode()
         )
-        self._index = first_segment
-        self._last_segment = last_segment
-        self._segment_count = self._layout.segment_count(resource.ciphertext_size)
-        self._segment = bytearray(self._layout.segment_size)
-        self._reader: BigPartReader | None = None
-        self._first: bytes | None = None
-        self._closed = False
-        transfers.metrics.active_transfers.inc()
+        self._reader = reader
+        self._layout = layout
+        self._last = layout.segment_count(self._size) - 1
+        self._buffer = memoryview(bytearray(layout.segment_size))
+        self.index = index
 
     @property
     def source(self) -> str:
         """Where the big part comes from: "cache", "download", "cdn" or "none"."""
         return self._reader.source if self._reader is not None else "none"
 
-    async def _prepare(self) -> None:
-        """Open the big part and authenticate the first segment."""
-        resource = self.resource
-        small = len(resource.small)
-        segment_start = self._layout.segment_start(self._index)
-        if self._layout.segment_bounds(self._last_segment, resource.ciphertext_size)[1] > small:
-            self._reader = await self._transfers.cache.open(
-                resource.etag,
-                resource.big_size,
-                self._fetch,
-                max(segment_start - small, 0),
-            )
-        self._first = await self._next_chunk()
-
-    def _fetch(self, start: int, end: int) -> AsyncGenerator[bytes, None]:
-        return self._transfers.api.stream_blob(self.resource.big_url, start, end)
-
-    async def _next_chunk(self) -> bytes:
-        """Read, authenticate and decrypt the next segment; return its wanted plaintext."""
-        index = self._index
-        ciphertext = await self._read_segment(index)
-        # A fresh bytes per segment, not open_into a reused buffer: the server may still hold
-        # this chunk when the next segment is decrypted, and one pass beats decrypt + copy
-        # (see the performance notes in crypto_stream).
-        plaintext = self._cipher.open(index, index == self._segment_count - 1, ciphertext)
-        self._index += 1
-        first = self._layout.plaintext_start(index)
-        lo = max(self.start - first, 0)
-        hi = min(self.end - first, len(plaintext))
-        if lo == 0 and hi == len(plaintext):
-            return plaintext
-        return plaintext[lo:hi]  # the first or last segment of a range
-
-    async def _read_segment(self, index: int) -> memoryview:
-        start, end = self._layout.segment_bounds(index, self.resource.ciphertext_size)
-        view = memoryview(self._segment)[: end - start]
-        small = self.resource.small
+    async def next(self) -> bytes:
+        """Read, authenticate and decrypt the next segment; return all its plaintext."""
+        index = self.index
+        start, end = self._layout.segment_bounds(index, self._size)
+        view = self._buffer[: end - start]
+        small = self._small
         if start < len(small):
             n = min(end, len(small)) - start
             view[:n] = small[start : start + n]
@@ -122,26 +84,78 @@ class Download:
             assert self._reader is not None
             big_start = max(start, len(small))
             await self._reader.readinto(view[big_start - start :], big_start - len(small))
-        return view
+        # A fresh bytes per segment, not open_into a reused buffer: the server may still hold
+        # this chunk when the next segment is decrypted (docs/performance.md).
+        plaintext = self._cipher.open(index, index == self._last, view)
+        self.index += 1
+        return plaintext
+
+    async def aclose(self) -> None:
+        """Release the big-part reader; safe to call twice."""
+        reader, self._reader = self._reader, None
+        if reader is not None:
+            with anyio.CancelScope(shield=True):
+                await reader.aclose()
+
+
+class Download:
+    """The plaintext of one resource range, as an async iterator of chunks.
+
+    Built by :meth:`Transfers.open_download` once the range's first segment has been
+    authenticated; a later segment that fails authentication is reported to
+    ``on_integrity_failure(segment, source)`` and ends the iteration with its error.
+    """
+
+    def __init__(  # noqa: PLR0913 - one download's worth of parts, keyword-only
+        self,
+        resource: ResourceInfo,
+        start: int,
+        end: int,
+        *,
+        segments: _Segments,
+        first: bytes,
+        metrics: Metrics,
+        on_integrity_failure: Callable[[int, str], Awaitable[None]],
+    ) -> None:
+        self.resource = resource
+        self.size = resource.plaintext_size
+        self.etag = resource.etag
+        self.start = start
+        self.end = end
+        self._segments = segments
+        self._first: bytes | None = first
+        self._metrics = metrics
+        self._on_integrity_failure = on_integrity_failure
+        self._closed = False
+        metrics.active_transfers.inc()
+
+    @property
+    def source(self) -> str:
+        """Where the big part comes from: "cache", "download", "cdn" or "none"."""
+        return self._segments.source
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        if self._first is None:
-            return
         first, self._first = self._first, None
-        sent = self._transfers.metrics.plaintext_bytes_sent
+        if first is None:
+            return
+        sent = self._metrics.plaintext_bytes_sent
+        segments, layout, end = self._segments, _LAYOUT, self.end
         if first:
             yield first
             sent.inc(len(first))
-        while self._index <= self._last_segment:
+        while layout.plaintext_start(segments.index) < end:
+            # A download whose sends never block would otherwise keep the loop to itself
+            # (/health waited seconds behind 8 warm loads): every segment is a checkpoint.
+            await anyio.lowlevel.checkpoint()
+            index = segments.index
             try:
-                chunk = await self._next_chunk()
+                plaintext = await segments.next()
             except CiphertextError:
                 # The range's first segment authenticated, so the key and header are right:
                 # the big part is damaged.
-                await self._transfers.integrity_failure(
-                    self.resource, self._index, self.source, evict=True
-                )
+                await self._on_integrity_failure(index, segments.source)
                 raise
+            chunk = _clip(plaintext, layout.plaintext_start(index), self.start, end)
             yield chunk
             sent.inc(len(chunk))
 
@@ -150,29 +164,27 @@ class Download:
         if self._closed:
             return
         self._closed = True
-        self._transfers.metrics.active_transfers.dec()
-        reader, self._reader = self._reader, None
-        if reader is not None:
-            with anyio.CancelScope(shield=True):
-                await reader.aclose()
+        self._metrics.active_transfers.dec()
+        await self._segments.aclose()
 
 
 class Transfers:
-    """Opens downloads and runs uploads over one ApiClient and one BigPartCache."""
+    """Opens downloads and runs uploads: the API for metadata, the cache and CDN for bytes."""
 
     def __init__(
         self,
         api: ApiClient,
         cache: BigPartCache,
+        blobs: BlobClient,
         metrics: Metrics,
         *,
-        small_size: int = 4096,
+        small_size: int = DEFAULT_SMALL_SIZE,
     ) -> None:
         self.api = api
         self.cache = cache
+        self.blobs = blobs
         self.metrics = metrics
         self.small_size = check_small_size(small_size)
-        self.layout = SegmentLayout()
 
     async def stat(self, folder: str, name: str) -> ResourceInfo:
         """Return the metadata of ``folder/name`` (``plaintext_size`` is its size)."""
@@ -189,23 +201,23 @@ class Transfers:
         """Prepare the plaintext of ``folder/name``, or of ``byte_range`` of it.
 
         ``byte_range`` is a resolved ``(start, end_exclusive)`` (see httputil.parse_range);
-        RangeNotSatisfiableError when it does not lie within the resource.
+        RangeNotSatisfiableError when it does not lie within the resource. The range's first
+        segment is authenticated before this returns.
         """
         info = resource if resource is not None else await self.api.get_resource(folder, name)
-        size = info.plaintext_size
-        start, end = _check_range(byte_range, size)
-        if size == 0:
-            first = last = 0  # still authenticate the one (empty) segment
+        start, end = _check_range(byte_range, info.plaintext_size)
+        if start == end:
+            first = last = 0  # an empty resource: still authenticate its one (empty) segment
         else:
-            segments = self.layout.range(start, end, info.ciphertext_size)
-            first, last = segments.first_segment, segments.last_segment
+            span = _LAYOUT.range(start, end, info.ciphertext_size)
+            first, last = span.first_segment, span.last_segment
         for attempt in (1, 2):
-            download = Download(self, info, start, end, first_segment=first, last_segment=last)
+            segments = _Segments(info, await self._open_big_part(info, first, last), first, _LAYOUT)
             try:
-                await download._prepare()  # noqa: SLF001 - the constructor's second half
+                plaintext = await segments.next()
             except CiphertextError:
-                source = download.source
-                await download.aclose()
+                source = segments.source
+                await segments.aclose()
                 if attempt == 1 and source == "cache":
                     # A damaged entry (a crash, a bad disk), or a wrong key or small part:
                     # drop the entry and try the CDN's copy.
@@ -216,15 +228,34 @@ class Transfers:
                     continue
                 # The key, the small part or a fresh big part is wrong; the big part may be
                 # fine (and shared with other downloads), so nothing more is evicted.
-                await self.integrity_failure(info, first, source, evict=False)
+                await self._integrity_failure(info, first, source, evict=False)
                 raise
             except BaseException:
-                await download.aclose()
+                await segments.aclose()
                 raise
-            return download
+            return Download(
+                info,
+                start,
+                end,
+                segments=segments,
+                first=_clip(plaintext, _LAYOUT.plaintext_start(first), start, end),
+                metrics=self.metrics,
+                on_integrity_failure=functools.partial(self._integrity_failure, info, evict=True),
+            )
         raise AssertionError  # pragma: no cover - the loop returns or raises
 
-    async def integrity_failure(
+    async def _open_big_part(
+        self, info: ResourceInfo, first: int, last: int
+    ) -> BigPartReader | None:
+        """A reader of the big part from segment ``first`` on, or None if the range avoids it."""
+        small = len(info.small)
+        if _LAYOUT.segment_bounds(last, info.ciphertext_size)[1] <= small:
+            return None
+        fetch = functools.partial(self.blobs.stream, info.big_url)
+        start = max(_LAYOUT.segment_start(first) - small, 0)
+        return await self.cache.open(info.etag, info.big_size, fetch, start)
+
+    async def _integrity_failure(
         self, resource: ResourceInfo, segment: int, source: str, *, evict: bool
     ) -> None:
         """Count and log a segment that failed authentication; ``evict`` its big part."""
@@ -276,7 +307,8 @@ class Transfers:
         try:
             ciphertext = encrypt_stream(counted(), key, name.encode())
             small, big = await split(ciphertext, self.small_size)
-            await self.api.put_upload(upload_id, big)
+            url, token = self.api.upload_url(upload_id), await self.api.bearer_token()
+            await self.blobs.put(url, big, token=token)
             folder_name = await folder()
             etag = await self.api.publish(folder_name, name, upload_id, key, small)
         except BaseException:
@@ -288,6 +320,15 @@ class Transfers:
                     logger.warning("could not abandon upload %s: %s", upload_id, exc)
             raise
         return {"status": "ok", "folder": folder_name, "filename": name, "size": size, "etag": etag}
+
+
+def _clip(plaintext: bytes, offset: int, start: int, end: int) -> bytes:
+    """The part of a segment's plaintext (which starts at ``offset``) within [start, end)."""
+    lo = max(start - offset, 0)
+    hi = min(end - offset, len(plaintext))
+    if lo == 0 and hi == len(plaintext):
+        return plaintext  # the common case: no copy
+    return plaintext[lo:hi]
 
 
 def _check_range(byte_range: tuple[int, int] | None, size: int) -> tuple[int, int]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import logging
@@ -18,6 +17,7 @@ from unlockd.errors import (
     CredentialsRejectedError,
     ForbiddenError,
     NotFoundError,
+    StorageError,
     UnlockdError,
 )
 from unlockd.models import UnlockState
@@ -44,8 +44,9 @@ def _now() -> str:
 class UnlockManager:
     """One device's unlock state machine; at most one run at a time."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0913 - the run's collaborators, keyword-only
         self,
+        task_group: TaskGroup,
         *,
         archive: Path | None,
         key_id: str,
@@ -58,7 +59,8 @@ class UnlockManager:
         self._api = api
         self._docker = docker
         self._metrics = metrics
-        self._lock = asyncio.Lock()
+        self._task_group = task_group  # owned by the app's lifespan, which outlives every run
+        self._lock = anyio.Lock()
         self._state = UnlockState.IDLE
         self._error: str | None = None
         self._bytes_done = 0
@@ -71,8 +73,8 @@ class UnlockManager:
     def state(self) -> UnlockState:
         return self._state
 
-    async def start(self, task_group: TaskGroup, email: str, password: str) -> dict[str, Any]:
-        """Start a run in ``task_group``; NotFoundError without archive, ConflictError if busy."""
+    async def start(self, email: str, password: str) -> dict[str, Any]:
+        """Start a run in the background; NotFoundError without archive, ConflictError if busy."""
         async with self._lock:
             # Check and transition in one critical section: exactly one caller wins.
             archive, size = await self._find_archive()
@@ -86,7 +88,7 @@ class UnlockManager:
             self._started_at = _now()
             self._finished_at = None
             self._set_state(UnlockState.AUTHENTICATING)
-            task_group.start_soon(self._run, archive, email, password, name="unlock")
+            self._task_group.start_soon(self._run, archive, email, password, name="unlock")
         return {"state": UnlockState.AUTHENTICATING.value}
 
     async def _find_archive(self) -> tuple[Path, int]:
@@ -162,7 +164,7 @@ class UnlockManager:
                 return await self._docker.load(self._then_loading(plaintext))
         except OSError as exc:
             msg = f"cannot read the encrypted archive {archive}: {exc.strerror or exc}"
-            raise UnlockdError(msg) from exc
+            raise StorageError(msg) from exc
 
     async def _read(self, file: anyio.AsyncFile[bytes]) -> AsyncIterator[bytes]:
         while chunk := await file.read(SEGMENT_SIZE):  # one segment's worth per read

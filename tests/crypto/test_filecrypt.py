@@ -18,8 +18,8 @@ from unlockd.crypto_stream import (
     Encryptor,
     encode_key,
     generate_key,
-    read_key_file,
 )
+from unlockd.filecrypt import read_key_file
 
 PS = SEGMENT_SIZE - TAG_SIZE
 

@@ -6,8 +6,9 @@ import base64
 
 import pytest
 
-from unlockd.crypto_stream import decode_key, encode_key, generate_key, read_key_file
+from unlockd.crypto_stream import decode_key, encode_key, generate_key
 from unlockd.errors import InvalidKeyError
+from unlockd.filecrypt import read_key_file
 
 
 def test_keys_generate_encode_decode_round_trip():

@@ -8,16 +8,17 @@ import time
 import httpx
 import pytest
 
-from unlockd.errors import InvalidInputError
+from harness import PUBLISHER, READER
+from unlockd.errors import InvalidInputError, NotAuthenticatedError
 from unlockd.hub import add_user
-from unlockd.hub.auth import hash_password, verify_password
+from unlockd.hub.auth import Principal, Role, TokenStore, hash_password, verify_password
 
 
-def test_login_valid_credentials_returns_expiring_token(hub, accounts):
+def test_login_valid_credentials_returns_expiring_token(shared_hub, accounts):
     """A correct password yields a bearer token and its lifetime."""
     (publisher, _) = accounts
     reply = httpx.post(
-        f"{hub.url}/auth/login", json={"email": publisher[0], "password": publisher[1]}
+        f"{shared_hub.url}/auth/login", json={"email": publisher[0], "password": publisher[1]}
     )
     assert reply.status_code == 200
     body = reply.json()
@@ -25,10 +26,14 @@ def test_login_valid_credentials_returns_expiring_token(hub, accounts):
     assert len(body["token"]) >= 32
 
 
-def test_login_wrong_password_and_unknown_email_look_the_same(hub, accounts):
+def test_login_wrong_password_and_unknown_email_look_the_same(shared_hub, accounts):
     """Both failures are 401 with the same body, so emails cannot be probed."""
-    wrong = httpx.post(f"{hub.url}/auth/login", json={"email": accounts[1][0], "password": "no"})
-    unknown = httpx.post(f"{hub.url}/auth/login", json={"email": "x@y.z", "password": "nope"})
+    wrong = httpx.post(
+        f"{shared_hub.url}/auth/login", json={"email": accounts[1][0], "password": "no"}
+    )
+    unknown = httpx.post(
+        f"{shared_hub.url}/auth/login", json={"email": "x@y.z", "password": "nope"}
+    )
     assert wrong.status_code == unknown.status_code == 401
     assert wrong.json() == unknown.json() == {"detail": "invalid email or password"}
 
@@ -44,44 +49,56 @@ def test_login_wrong_password_and_unknown_email_look_the_same(hub, accounts):
         b"\xff\xfe",
     ],
 )
-def test_login_bad_body_is_422(hub, content):
+def test_login_bad_body_is_422(shared_hub, content):
     """Bodies that are not an object with two non-empty strings are 422 with a detail."""
-    reply = httpx.post(f"{hub.url}/auth/login", content=content)
+    reply = httpx.post(f"{shared_hub.url}/auth/login", content=content)
     assert reply.status_code == 422
     assert "detail" in reply.json()
 
 
-def test_login_oversized_body_is_413(hub):
+def test_login_oversized_body_is_413(shared_hub):
     """A JSON body over the limit is refused before it is parsed."""
-    reply = httpx.post(f"{hub.url}/auth/login", content=b" " * (1024 * 1024 + 1))
+    reply = httpx.post(f"{shared_hub.url}/auth/login", content=b" " * (1024 * 1024 + 1))
     assert reply.status_code == 413
 
 
 @pytest.mark.parametrize(
     "authorization", [None, "Bearer", "Bearer not-a-token", "Basic dXNlcjpwdw=="]
 )
-def test_reader_endpoint_without_valid_token_is_401(hub, authorization):
+def test_reader_endpoint_without_valid_token_is_401(shared_hub, authorization):
     """A missing, empty, unknown or non-bearer credential is 401 with WWW-Authenticate."""
     headers = {} if authorization is None else {"authorization": authorization}
-    reply = httpx.get(f"{hub.url}/keys/images", headers=headers)
+    reply = httpx.get(f"{shared_hub.url}/keys/images", headers=headers)
     assert reply.status_code == 401
     assert reply.headers["www-authenticate"] == "Bearer"
     assert "detail" in reply.json()
 
 
-def test_token_after_ttl_is_401(tmp_path, start_hub, accounts):
-    """A token stops working once --token-ttl has passed."""
-    with start_hub(tmp_path / "hub", token_ttl=1) as url:
-        login = httpx.post(
-            f"{url}/auth/login", json=dict(zip(("email", "password"), accounts[1], strict=True))
-        )
-        assert login.json()["expires_in"] == 1
+def test_token_after_ttl_is_401(tmp_path, start_hub, clock):
+    """A token works until --token-ttl has passed on the hub's clock, and is 401 from then on."""
+    with start_hub(tmp_path / "hub", clock=clock, token_ttl=60) as url:
+        login = httpx.post(f"{url}/auth/login", json=READER.body)
+        assert login.json()["expires_in"] == 60
         headers = {"authorization": f"Bearer {login.json()['token']}"}
+        clock.advance(59.9)
         assert httpx.get(f"{url}/keys/nope", headers=headers).status_code == 404
-        time.sleep(1.1)
+        clock.advance(0.1)
         reply = httpx.get(f"{url}/keys/nope", headers=headers)
         assert reply.status_code == 401
         assert reply.json() == {"detail": "invalid or expired token"}
+
+
+def test_token_store_prune_after_ttl_drops_only_expired(clock):
+    """prune() drops the tokens whose ttl has passed on the store's clock, and only those."""
+    tokens = TokenStore(60, clock=clock)
+    old = tokens.issue(Principal(READER.email, Role.READER))
+    clock.advance(30)
+    new = tokens.issue(Principal(PUBLISHER.email, Role.PUBLISHER))
+    clock.advance(30)
+    assert tokens.prune() == 1
+    assert tokens.check(f"Bearer {new}") == Principal(PUBLISHER.email, Role.PUBLISHER)
+    with pytest.raises(NotAuthenticatedError):
+        tokens.check(f"Bearer {old}")
 
 
 @pytest.mark.parametrize(
@@ -95,9 +112,9 @@ def test_token_after_ttl_is_401(tmp_path, start_hub, accounts):
         ("PUT", "/keys/images", {"key": "A" * 44}),
     ],
 )
-def test_publisher_endpoint_as_reader_is_403(reader, method, path, body):
+def test_publisher_endpoint_as_reader_is_403(shared_reader, method, path, body):
     """A reader may not upload, publish, delete or register keys."""
-    reply = reader.request(method, path, json=body)
+    reply = shared_reader.request(method, path, json=body)
     assert reply.status_code == 403
     assert reply.json() == {"detail": "this call needs the publisher role"}
 
@@ -153,10 +170,12 @@ def test_verify_password_matches_only_the_right_password():
     assert hash_password("same") != hash_password("same")
 
 
-def test_login_reply_names_the_role(hub, accounts):
+def test_login_reply_names_the_role(shared_hub, accounts):
     """The login reply carries the account's role (an optional protocol extension)."""
     for (email, password), role in zip(accounts, ("publisher", "reader"), strict=True):
-        reply = httpx.post(f"{hub.url}/auth/login", json={"email": email, "password": password})
+        reply = httpx.post(
+            f"{shared_hub.url}/auth/login", json={"email": email, "password": password}
+        )
         assert reply.status_code == 200
         assert reply.json()["role"] == role
 

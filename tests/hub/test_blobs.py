@@ -6,7 +6,6 @@ import contextlib
 import os
 import socket
 import subprocess
-import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -15,6 +14,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from harness import PUBLISHER, eventually
 from unlockd.errors import RangeNotSatisfiableError
 from unlockd.httputil import parse_range
 
@@ -23,16 +23,11 @@ BLOB = os.urandom(SIZE)
 
 
 @pytest.fixture(scope="module")
-def blob(tmp_path_factory, start_hub, accounts, publish):
-    """Publish BLOB on a hub shared by this module's read-only tests; return (URL, etag)."""
-    with start_hub(tmp_path_factory.mktemp("blobs") / "hub") as url:
-        email, password = accounts[0]
-        token = httpx.post(f"{url}/auth/login", json={"email": email, "password": password}).json()[
-            "token"
-        ]
-        with httpx.Client(base_url=url, headers={"authorization": f"Bearer {token}"}) as client:
-            etag, _, _ = publish(client, "models/blob.bin", BLOB)
-        yield f"{url}/blobs/{etag}", etag
+def blob(shared_hub, publish):
+    """Publish BLOB on the session's hub, for this module's read-only tests; return (URL, etag)."""
+    with shared_hub.client(PUBLISHER) as client:
+        etag, _, _ = publish(client, "hub-blobs/blob.bin", BLOB)
+    return f"{shared_hub.url}/blobs/{etag}", etag
 
 
 @pytest.mark.parametrize(
@@ -174,9 +169,9 @@ def test_head_blob_has_headers_and_no_body(blob):
 
 
 @pytest.mark.parametrize("etag", ["0" * 32, "not-an-etag", "A" * 32, "0" * 33])
-def test_get_blob_unknown_is_404(hub, etag):
+def test_get_blob_unknown_is_404(shared_hub, etag):
     """An etag that is not a stored blob (or cannot be one) is a JSON 404."""
-    reply = httpx.get(f"{hub.url}/blobs/{etag}")
+    reply = httpx.get(f"{shared_hub.url}/blobs/{etag}")
     assert reply.status_code == 404
     assert reply.json() == {"detail": "blob not found"}
 
@@ -209,8 +204,5 @@ def test_get_blob_client_disconnect_releases_the_file(hub, publisher, publish):
         sock.sendall(f"GET /blobs/{etag} HTTP/1.1\r\nHost: {parts.netloc}\r\n\r\n".encode())
         assert sock.recv(65536).startswith(b"HTTP/1.1 200")
         assert blob_fds() == 1
-    deadline = time.monotonic() + 10
-    while blob_fds() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert blob_fds() == 0
+    eventually(lambda: blob_fds() == 0)
     assert httpx.get(f"{hub.url}/health").status_code == 200

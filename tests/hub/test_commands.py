@@ -8,11 +8,11 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 
+from harness import eventually
 from unlockd.hub.store import Store
 
 
@@ -62,16 +62,7 @@ def test_add_user_command_then_hub_command_serves_logins(tmp_path):
     )
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                if httpx.get(f"{url}/health").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.stdout.read() if process.stdout else ""
-            assert time.monotonic() < deadline, "hub did not start"
-            time.sleep(0.05)
+        _wait_healthy(url, process)
         reply = httpx.post(
             f"{url}/auth/login", json={"email": "ops@example.com", "password": "s3cret-pw"}
         )
@@ -126,16 +117,14 @@ def test_hub_command_bad_environment_fails_naming_the_key(tmp_path):
 
 
 def _wait_healthy(url: str, process: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 20
-    while True:
+    def healthy() -> bool:
         try:
-            if httpx.get(f"{url}/health").status_code == 200:
-                return
+            return httpx.get(f"{url}/health").status_code == 200
         except httpx.TransportError:
-            pass
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "hub did not start"
-        time.sleep(0.05)
+            assert process.poll() is None, process.communicate()
+            return False
+
+    eventually(healthy, timeout=20)
 
 
 def _error_lines(stderr: str) -> list[str]:

@@ -65,8 +65,8 @@ def test_settings_from_environ_bad_value_names_the_key(environ, key):
 
 
 def test_settings_bad_override_is_rejected():
-    """Overrides are validated too, and unknown ones are refused."""
+    """Overrides are validated too; an unknown one is a programming error, as for the sidecar."""
     with pytest.raises(InvalidInputError, match=r"^--token-ttl: expected an integer >= 1, got 0$"):
         HubSettings.from_environ({}, data_dir="/d", token_ttl=0)
-    with pytest.raises(InvalidInputError, match="colour"):
+    with pytest.raises(TypeError, match="colour"):
         HubSettings.from_environ({}, data_dir="/d", colour="blue")

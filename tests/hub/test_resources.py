@@ -11,17 +11,17 @@ import subprocess
 import httpx
 import pytest
 
+from harness import READER
 from servers import serve
-from unlockd.hub import HubSettings, add_user, create_hub_app
 
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
 
 
-def test_health_is_ok_without_auth(hub):
+def test_health_is_ok_without_auth(shared_hub):
     """/health answers without credentials."""
-    reply = httpx.get(f"{hub.url}/health")
+    reply = httpx.get(f"{shared_hub.url}/health")
     assert (reply.status_code, reply.json()) == (200, {"status": "ok"})
 
 
@@ -41,9 +41,9 @@ def test_get_resource_after_publish_returns_key_small_and_blob(publisher, reader
     assert reader.get(f"/blobs/{etag}").content == big
 
 
-def test_get_resource_unknown_is_404(reader):
+def test_get_resource_unknown_is_404(shared_reader):
     """A resource never published is 404 with a JSON detail."""
-    reply = reader.get("/resources/models/missing.bin")
+    reply = shared_reader.get("/resources/models/missing.bin")
     assert reply.status_code == 404
     assert reply.json() == {"detail": "resource models/missing.bin not found"}
 
@@ -58,9 +58,9 @@ def test_get_resource_unknown_is_404(reader):
         "/resources/%2E/x",
     ],
 )
-def test_get_resource_bad_name_is_422(reader, path):
+def test_get_resource_bad_name_is_422(shared_reader, path):
     """Names outside [A-Za-z0-9._-]{1,255}, or '.'/'..', are 422."""
-    reply = reader.get(path)
+    reply = shared_reader.get(path)
     assert reply.status_code == 422
     assert "invalid" in reply.json()["detail"]
 
@@ -87,10 +87,10 @@ def test_get_resource_dot_dot_name_is_422(hub, reader):
     assert "invalid filename '..'" in json.loads(body)["detail"]
 
 
-def test_unknown_route_and_encoded_slash_are_json_404(reader):
+def test_unknown_route_and_encoded_slash_are_json_404(shared_reader):
     """Paths that match no route, e.g. an encoded '/', are JSON 404s."""
     for path in ("/nope", "/resources/models/a%2Fb/c", "/resources/models"):
-        reply = reader.get(path)
+        reply = shared_reader.get(path)
         assert reply.status_code == 404
         assert reply.json() == {"detail": "Not Found"}
 
@@ -106,17 +106,17 @@ def test_unknown_route_and_encoded_slash_are_json_404(reader):
         ("POST", "/uploads%2F"),
     ],
 )
-def test_trailing_slash_is_json_404_not_redirect(reader, method, path):
+def test_trailing_slash_is_json_404_not_redirect(shared_reader, method, path):
     """A trailing (or encoded trailing) '/' is a JSON 404, never a redirect to another path."""
-    reply = reader.request(method, path, follow_redirects=False)
+    reply = shared_reader.request(method, path, follow_redirects=False)
     assert reply.status_code == 404
     assert reply.json() == {"detail": "Not Found"}
     assert "location" not in reply.headers
 
 
-def test_wrong_method_is_json_405(reader):
+def test_wrong_method_is_json_405(shared_reader):
     """A known path with a wrong method is a JSON 405."""
-    reply = reader.post("/resources/models/a.bin")
+    reply = shared_reader.post("/resources/models/a.bin")
     assert reply.status_code == 405
     assert reply.json() == {"detail": "Method Not Allowed"}
 
@@ -259,9 +259,9 @@ def test_keys_put_then_get_round_trips(publisher, reader):
     assert reader.get("/keys/images").json() == {"key": _b64(other)}
 
 
-def test_keys_unknown_is_404(reader):
+def test_keys_unknown_is_404(shared_reader):
     """An unregistered key id is 404."""
-    reply = reader.get("/keys/nothing")
+    reply = shared_reader.get("/keys/nothing")
     assert reply.status_code == 404
     assert reply.json() == {"detail": "key nothing not found"}
 
@@ -283,20 +283,16 @@ def test_keys_put_bad_body_or_id_is_422(publisher, path, body):
     assert publisher.get("/keys/images").status_code == 404
 
 
-def test_unexpected_error_is_json_500(tmp_path):
+def test_unexpected_error_is_json_500(tmp_path, hub_app):
     """A bug inside a handler is a JSON 500 without details."""
-    data_dir = tmp_path / "hub"
-    add_user(data_dir, "r@example.com", "pw")
-    app = create_hub_app(HubSettings(data_dir))
+    app = hub_app(tmp_path / "hub")
     with serve(app) as url:
 
         async def broken(folder: str, name: str) -> None:
             raise RuntimeError(folder + name)
 
         app.state.store.get_resource = broken
-        token = httpx.post(
-            f"{url}/auth/login", json={"email": "r@example.com", "password": "pw"}
-        ).json()["token"]
+        token = httpx.post(f"{url}/auth/login", json=READER.body).json()["token"]
         reply = httpx.get(f"{url}/resources/models/a", headers={"authorization": f"Bearer {token}"})
     assert reply.status_code == 500
     assert reply.json() == {"detail": "Internal Server Error"}

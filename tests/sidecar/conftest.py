@@ -4,24 +4,21 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
 
+from harness import PUBLISHER, READER
 from servers import serve
 from unlockd.app import create_app
 from unlockd.config import Settings
-from unlockd.hub import HubSettings, add_user, create_hub_app
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
     from pathlib import Path
 
-EMAIL = "publisher@example.com"
-PASSWORD = "publisher-password"
-READER_EMAIL = "reader@example.com"
-READER_PASSWORD = "reader-password"
+    from starlette.applications import Starlette
 
 
 @dataclasses.dataclass
@@ -30,16 +27,18 @@ class Stack:
     url: str
     hub_dir: Path
     cache_dir: Path
-    email: str = EMAIL
-    password: str = PASSWORD
-    reader_email: str = READER_EMAIL
-    reader_password: str = READER_PASSWORD
+    email: str = PUBLISHER.email
+    password: str = PUBLISHER.password
+    reader_email: str = READER.email
+    reader_password: str = READER.password
 
     def client(self, **kwargs) -> httpx.Client:
         kwargs.setdefault("timeout", 60)
         return httpx.Client(base_url=self.url, **kwargs)
 
-    def login(self, client: httpx.Client, email: str = EMAIL, password: str = PASSWORD) -> None:
+    def login(
+        self, client: httpx.Client, email: str = PUBLISHER.email, password: str = PUBLISHER.password
+    ) -> None:
         response = client.post("/login", json={"email": email, "password": password})
         assert response.status_code == 200, response.text
 
@@ -62,36 +61,36 @@ class Stack:
         )
 
 
-@contextlib.contextmanager
-def _make_stack(base: Path, hub_settings=None, **overrides) -> Iterator[Stack]:
-    """Run a hub with a publisher and a reader account, and a sidecar pointed at it."""
-    hub_dir, cache_dir = base / "hub", base / "cache"
-    hub_dir.mkdir(parents=True, exist_ok=True)
-    add_user(hub_dir, EMAIL, PASSWORD, role="publisher")
-    add_user(hub_dir, READER_EMAIL, READER_PASSWORD, role="reader")
-    hub_app = create_hub_app(HubSettings(data_dir=hub_dir, **(hub_settings or {})))
-    with serve(hub_app) as hub_url:
-        overrides.setdefault("cache_dir", cache_dir)
-        settings = Settings.from_environ({}, upstream_url=hub_url, **overrides)
-        with serve(create_app(settings)) as url:
-            yield Stack(hub_url=hub_url, url=url, hub_dir=hub_dir, cache_dir=settings.cache_dir)
+@pytest.fixture(scope="session")
+def make_stack(hub_app: Callable[..., Starlette]) -> Callable[..., Any]:
+    """``make_stack(base, hub_settings=None, **sidecar_settings)`` as a context manager.
+
+    ``hub_settings`` go to ``hub_app`` (``clock`` among them); the sidecar points at that hub.
+    """
+
+    @contextlib.contextmanager
+    def make(base: Path, hub_settings: dict[str, Any] | None = None, **overrides: Any):
+        hub_dir = base / "hub"
+        with serve(hub_app(hub_dir, **(hub_settings or {}))) as hub_url:
+            overrides.setdefault("cache_dir", base / "cache")
+            settings = Settings.from_environ({}, upstream_url=hub_url, **overrides)
+            with serve(create_app(settings)) as url:
+                yield Stack(hub_url=hub_url, url=url, hub_dir=hub_dir, cache_dir=settings.cache_dir)
+
+    return make
 
 
 @pytest.fixture
-def stack(tmp_path) -> Iterator[Stack]:
+def stack(tmp_path: Path, make_stack: Callable[..., Any]) -> Iterator[Stack]:
     """A fresh hub + sidecar, not logged in."""
-    with _make_stack(tmp_path) as running:
+    with make_stack(tmp_path) as running:
         yield running
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory) -> Iterator[Stack]:
+def shared(
+    tmp_path_factory: pytest.TempPathFactory, make_stack: Callable[..., Any]
+) -> Iterator[Stack]:
     """One hub + sidecar per test module, for tests that only read."""
-    with _make_stack(tmp_path_factory.mktemp("shared")) as running:
+    with make_stack(tmp_path_factory.mktemp("shared")) as running:
         yield running
-
-
-@pytest.fixture
-def make_stack():
-    """``make_stack(base, hub_settings=None, **sidecar_settings)`` as a context manager."""
-    return _make_stack

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from unlockd.config import Settings
+from unlockd.config import Config, Settings, port_number
 from unlockd.errors import InvalidInputError
 
 
@@ -128,3 +128,34 @@ def test_settings_integer_errors_share_one_style_with_the_hub():
         Settings.from_environ({"UNLOCKD_PORT": "70000"})
     with pytest.raises(InvalidInputError, match=r"^UNLOCKD_HUB_PORT: expected an integer between"):
         HubSettings.from_environ({"UNLOCKD_HUB_PORT": "70000"})
+
+
+@pytest.mark.parametrize("url", ["ftp://user:pw-secret@host", "user:pw-secret@host"])
+def test_settings_url_with_credentials_error_hides_them(url):
+    """A bad URL holding a password is refused without echoing the password."""
+    with pytest.raises(InvalidInputError, match=r"^UNLOCKD_UPSTREAM_URL: ") as caught:
+        Settings.from_environ({"UNLOCKD_UPSTREAM_URL": url})
+    assert "pw-secret" not in str(caught.value)
+
+
+def test_settings_bad_api_token_error_hides_it():
+    """An --api-token that is rejected is not echoed."""
+    with pytest.raises(InvalidInputError, match=r"^--api-token: ") as caught:
+        Settings.from_environ({}, api_token=123456789)
+    assert "123456789" not in str(caught.value)
+
+
+def test_config_flag_wins_default_and_required():
+    """Config reads a flag over its variable, falls back to the default, and names a missing one."""
+    config = Config({"UNLOCKD_X": "7", "UNLOCKD_EMPTY": ""}, {"--x": None, "--y": "9"})
+    assert config("UNLOCKD_X", port_number, flag="--x") == 7
+    assert config("UNLOCKD_X", port_number, flag="--y") == 9
+    assert config("UNLOCKD_EMPTY", port_number, 5) == 5
+    with pytest.raises(InvalidInputError, match=r"^--z or UNLOCKD_Z: required$"):
+        config("UNLOCKD_Z", port_number, flag="--z")
+
+
+def test_settings_built_in_code_validated_naming_the_field():
+    """Settings built in code are checked too, the error naming the field."""
+    with pytest.raises(InvalidInputError, match=r"^small_size: expected an integer >= 40"):
+        Settings(small_size=8)

@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import threading
-import time
 
 import httpx
 import pytest
 
+from harness import eventually
 from servers import serve
 from unlockd.app import create_app
 from unlockd.config import Settings
 
 
-def test_health_ok(shared):
+def test_health_stack_up_answers_ok(shared):
     """/health answers 200 {"status": "ok"}."""
     response = httpx.get(f"{shared.url}/health")
     assert response.status_code == 200
@@ -173,8 +173,8 @@ def test_unlock_bad_body_unprocessable(shared, body):
 
 def test_token_required_everywhere_but_health(tmp_path, make_stack):
     """With an API token, every endpoint but /health is 401 without the right bearer."""
-    with make_stack(tmp_path, api_token="local-secret") as stack:
-        assert httpx.get(f"{stack.url}/health").status_code == 200
+    with make_stack(tmp_path, api_token="local-secret") as stack, stack.client() as client:
+        assert client.get("/health").status_code == 200
         for method, path in [
             ("GET", "/status"),
             ("GET", "/ready"),
@@ -189,7 +189,7 @@ def test_token_required_everywhere_but_health(tmp_path, make_stack):
             ("GET", "/nope"),
         ]:
             for headers in [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "local"}]:
-                response = httpx.request(method, f"{stack.url}{path}", headers=headers)
+                response = client.request(method, path, headers=headers)
                 assert response.status_code == 401, (method, path, headers)
                 assert response.headers["www-authenticate"] == "Bearer"
         good = {"Authorization": "Bearer local-secret"}
@@ -217,40 +217,46 @@ def test_metrics_count_by_route_template(stack):
     assert "unlockd_cache_hits_total" in text
 
 
-def test_health_fast_while_downloads_run(stack):
-    """/health stays fast while several large downloads stream."""
+def test_health_while_downloads_run_answers_ok(stack):
+    """/health answers 200 while eight large downloads are streaming (no timing: see bench)."""
     data = bytes(range(256)) * (40 * 4096)  # 40 MiB
     with stack.client() as client:
         stack.login(client)
         stack.upload(client, "big.bin", data)
+    streaming = threading.Barrier(9)
     stop = threading.Event()
+    failures: list[BaseException] = []
 
-    def download():
-        with stack.client() as client:
-            while not stop.is_set():
-                with client.stream("POST", "/load/big.bin") as response:
-                    for _ in response.iter_bytes():
-                        if stop.is_set():
-                            break
+    def download() -> None:
+        try:
+            with stack.client() as client:
+                first = True
+                while not stop.is_set():
+                    with client.stream("POST", "/load/big.bin") as response:
+                        for _ in response.iter_bytes():
+                            if first:
+                                streaming.wait(timeout=30)
+                                first = False
+                            if stop.is_set():
+                                break
+        except BaseException as exc:  # noqa: BLE001 - reported by the test thread
+            failures.append(exc)
 
-    threads = [threading.Thread(target=download) for _ in range(4)]
+    threads = [threading.Thread(target=download) for _ in range(8)]
     for thread in threads:
         thread.start()
     try:
-        time.sleep(0.3)
-        timings = []
-        with httpx.Client(base_url=stack.url) as client:
-            for _ in range(30):
-                started = time.perf_counter()
-                assert client.get("/health").status_code == 200
-                timings.append(time.perf_counter() - started)
-                time.sleep(0.01)
+        streaming.wait(timeout=30)  # every download has its first bytes and is still going
+        with stack.client() as client:
+            replies = [client.get("/health") for _ in range(30)]
+        still_running = sum(thread.is_alive() for thread in threads)
     finally:
         stop.set()
         for thread in threads:
             thread.join(timeout=30)
-    timings.sort()
-    assert timings[len(timings) // 2] < 0.25, timings
+    assert [(r.status_code, r.json()) for r in replies] == [(200, {"status": "ok"})] * 30
+    assert still_running == 8
+    assert failures == []
 
 
 def test_unlock_run_reports_error_through_status(tmp_path, make_stack):
@@ -262,13 +268,12 @@ def test_unlock_run_reports_error_through_status(tmp_path, make_stack):
         started = httpx.post(f"{stack.url}/unlock", json=body)
         assert started.status_code == 200
         assert started.json() == {"state": "authenticating"}
-        deadline = time.monotonic() + 20
-        while (status := httpx.get(f"{stack.url}/unlock/status").json())["state"] not in {
-            "ready",
-            "error",
-        }:
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
+
+        def finished() -> dict | None:
+            status = httpx.get(f"{stack.url}/unlock/status").json()
+            return status if status["state"] in {"ready", "error"} else None
+
+        status = eventually(finished, timeout=20)
         assert status["state"] == "error"
         assert status["error"]
         assert stack.password not in str(status)
@@ -276,23 +281,23 @@ def test_unlock_run_reports_error_through_status(tmp_path, make_stack):
         assert 'unlockd_unlock_state{unlockd_unlock_state="error"} 1.0' in metrics
 
 
-def test_load_after_token_expiry_concurrent_all_succeed(tmp_path, make_stack):
-    """After the upstream token expires, many concurrent loads all succeed (re-login)."""
-    with make_stack(tmp_path, hub_settings={"token_ttl": 1}) as stack:
+def test_load_after_upstream_token_expiry_concurrent_all_succeed(tmp_path, make_stack, clock):
+    """Once the hub's token has expired, twenty concurrent loads all succeed (one re-login)."""
+    with make_stack(tmp_path, hub_settings={"clock": clock}) as stack:
         with stack.client() as client:
             stack.login(client)
             stack.upload(client, "t.bin", b"token bytes")
-        time.sleep(1.3)
+        clock.advance(3600)  # the hub's --token-ttl default
         results: list[int] = []
 
-        def load():
-            with stack.client() as client:
-                response = client.post("/load/t.bin")
-                results.append(response.status_code if response.content == b"token bytes" else 0)
+        def load(client: httpx.Client) -> None:
+            response = client.post("/load/t.bin")
+            results.append(response.status_code if response.content == b"token bytes" else 0)
 
-        threads = [threading.Thread(target=load) for _ in range(20)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=30)
+        with stack.client() as client:  # one pool, twenty connections at once
+            threads = [threading.Thread(target=load, args=(client,)) for _ in range(20)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join(timeout=30)
     assert results == [200] * 20

@@ -5,12 +5,12 @@ from __future__ import annotations
 import re
 import socket
 import subprocess
-import time
 from urllib.parse import urlsplit
 
 import httpx
 import pytest
 
+from harness import eventually
 from unlockd.crypto_stream import SEGMENT_SIZE, TAG_SIZE
 
 PS = SEGMENT_SIZE - TAG_SIZE
@@ -21,14 +21,6 @@ def metric(stack, name: str) -> float:
     match = re.search(rf"^{name} (\S+)$", text, re.MULTILINE)
     assert match is not None, name
     return float(match.group(1))
-
-
-def wait_for(condition, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            pytest.fail("condition not reached in time")
-        time.sleep(0.05)
 
 
 def temp_files(stack) -> list[str]:
@@ -43,7 +35,7 @@ def cached(stack):
         stack.login(client)
         etag = stack.upload(client, "seg.bin", data)["etag"]
         assert client.post("/load/seg.bin").content == data
-    wait_for(lambda: (stack.cache_dir / etag).exists() and not temp_files(stack))
+    eventually(lambda: (stack.cache_dir / etag).exists() and not temp_files(stack))
     return stack, data, etag
 
 
@@ -106,8 +98,8 @@ def test_client_disconnect_mid_download_cleans_up(stack):
             with client.stream("POST", "/load/dl.bin") as response:
                 assert response.status_code == 200
                 next(response.iter_raw())
-    wait_for(lambda: metric(stack, "unlockd_active_transfers") == 0)
-    wait_for(lambda: not temp_files(stack))
+    eventually(lambda: metric(stack, "unlockd_active_transfers") == 0)
+    eventually(lambda: not temp_files(stack))
     with stack.client() as client:
         assert client.post("/load/dl.bin").content == data
 
@@ -127,9 +119,9 @@ def test_client_disconnect_mid_upload_nothing_published(stack):
             + f"Content-Length: {10 * SEGMENT_SIZE}\r\n\r\n".encode()
             + head
         )
-        wait_for(lambda: metric(stack, "unlockd_upload_bytes_received_total") > 0)
-    wait_for(lambda: metric(stack, "unlockd_active_transfers") == 0)
-    wait_for(lambda: stack.hub_pending_uploads() == [])
+        eventually(lambda: metric(stack, "unlockd_upload_bytes_received_total") > 0)
+    eventually(lambda: metric(stack, "unlockd_active_transfers") == 0)
+    eventually(lambda: stack.hub_pending_uploads() == [])
     assert httpx.post(f"{stack.url}/load/cut.bin").status_code == 404
 
 
@@ -150,7 +142,7 @@ def test_client_disconnect_before_folder_nothing_published(stack):
             + f"Content-Length: {len(body) + 100}\r\n\r\n".encode()
             + body
         )
-        wait_for(lambda: metric(stack, "unlockd_upload_bytes_received_total") >= 10_000)
-    wait_for(lambda: metric(stack, "unlockd_active_transfers") == 0)
-    wait_for(lambda: stack.hub_pending_uploads() == [])
+        eventually(lambda: metric(stack, "unlockd_upload_bytes_received_total") >= 10_000)
+    eventually(lambda: metric(stack, "unlockd_active_transfers") == 0)
+    eventually(lambda: stack.hub_pending_uploads() == [])
     assert httpx.post(f"{stack.url}/load/cut2.bin", json={"folder": "mod"}).status_code == 404

@@ -5,31 +5,42 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from servers import serve
-from transfers.support import EMAIL, PASSWORD, Hub, Sidecar, make_hub
+from harness import PUBLISHER
+from servers import in_own_task, serve
+from transfers.support import Hub, HubProbe, Sidecar
 from unlockd.api_client import ApiClient
+from unlockd.blobs import BlobClient
 from unlockd.cache import BigPartCache
 from unlockd.metrics import Metrics
 from unlockd.transfers import Transfers
 
 
 @pytest.fixture
-def hub(tmp_path):
-    data_dir, probe = make_hub(tmp_path)
-    with serve(probe) as url:
-        yield Hub(url, probe, data_dir)
+def hub_probe(tmp_path, hub_app):
+    """``hub_probe(**hub_app_kwargs)``: the hub over ``tmp_path / "hub"``, behind a HubProbe."""
+    return lambda **kwargs: HubProbe(hub_app(tmp_path / "hub", **kwargs))
 
 
 @pytest.fixture
-async def sidecar(hub, tmp_path):
+def hub(tmp_path, hub_probe, clock):
+    """A hub of this test's own behind a probe; its tokens expire by ``clock``."""
+    probe = hub_probe(clock=clock)
+    with serve(probe) as url:
+        yield Hub(url, probe, tmp_path / "hub")
+
+
+@pytest.fixture
+async def sidecar(hub, tmp_path, clock):
+    """The sidecar's data plane, logged in as the publisher; its token expires by ``clock``."""
     metrics = Metrics()
     cache_dir = tmp_path / "cache"
     async with httpx.AsyncClient(timeout=30) as http:
-        api = ApiClient(http, hub.url, metrics=metrics)
-        await api.login(EMAIL, PASSWORD)
-        cache = BigPartCache(cache_dir, metrics)
+        api = ApiClient(http, hub.url, metrics=metrics, clock=clock)
+        await api.login(*PUBLISHER)
+        blobs = BlobClient(metrics)
         try:
-            yield Sidecar(api, cache, Transfers(api, cache, metrics), metrics, cache_dir)
+            async with in_own_task(BigPartCache(cache_dir, metrics)) as cache:
+                transfers = Transfers(api, cache, blobs, metrics)
+                yield Sidecar(api, cache, blobs, transfers, metrics, cache_dir)
         finally:
-            await cache.aclose()
-            await api.aclose()
+            await blobs.aclose()

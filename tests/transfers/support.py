@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import resource
+import signal
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import anyio
-
-from unlockd.hub import HubSettings, add_user, create_hub_app
+from harness import eventually_async
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     from unlockd.api_client import ApiClient
+    from unlockd.blobs import BlobClient
     from unlockd.cache import BigPartCache
     from unlockd.metrics import Metrics
     from unlockd.transfers import Transfers
-
-EMAIL = "publisher@example.com"
-PASSWORD = "correct horse battery staple"
 
 
 class CutConnectionError(Exception):
@@ -121,17 +122,27 @@ class Sidecar:
 
     api: ApiClient
     cache: BigPartCache
+    blobs: BlobClient
     transfers: Transfers
     metrics: Metrics
     cache_dir: Any
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def make_hub(tmp_path, token_ttl: int = 3600):
-    data_dir = tmp_path / "hub"
-    add_user(data_dir, EMAIL, PASSWORD, role="publisher")
-    probe = HubProbe(create_hub_app(HubSettings(data_dir=data_dir, token_ttl=token_ttl)))
-    return data_dir, probe
+@contextlib.contextmanager
+def file_size_limit(limit: int) -> Iterator[None]:
+    """Make every write that grows a file of this process past ``limit`` bytes fail (EFBIG).
+
+    A real fault, as a full disk gives one: the kernel refuses the write, nothing is patched.
+    """
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # else the process is killed
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, handler)
 
 
 async def chunked(data: bytes, size: int = 65_536):
@@ -165,6 +176,4 @@ def random_bytes(n: int) -> bytes:
 
 async def settled(sidecar: Sidecar) -> None:
     """Wait until the cache has no download in progress (entries published or dropped)."""
-    with anyio.fail_after(10):
-        while sidecar.cache._fetches or temp_files(sidecar.cache_dir):  # noqa: ASYNC110
-            await anyio.sleep(0.01)
+    await eventually_async(lambda: not sidecar.cache._fetches and not temp_files(sidecar.cache_dir))

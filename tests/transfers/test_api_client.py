@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import contextlib
-import time
-
 import anyio
 import httpx
 import pytest
 
-from servers import serve
-from transfers.support import EMAIL, PASSWORD, make_hub, random_bytes, upload
+from harness import PUBLISHER, READER
+from transfers.support import random_bytes, upload
 from unlockd.api_client import ApiClient
-from unlockd.cache import BigPartCache
 from unlockd.errors import (
     CredentialsRejectedError,
     ForbiddenError,
@@ -21,22 +17,6 @@ from unlockd.errors import (
     NotFoundError,
     UpstreamError,
 )
-from unlockd.hub import add_user
-from unlockd.metrics import Metrics
-from unlockd.transfers import Transfers
-
-
-async def _publish(api: ApiClient, tmp_path, name: str = "m.bin") -> None:
-    metrics = Metrics()
-    transfers = Transfers(api, BigPartCache(tmp_path / "cache", metrics), metrics)
-
-    async def chunks():
-        yield random_bytes(10_000)
-
-    async def folder() -> str:
-        return "models"
-
-    await transfers.upload(name, chunks(), folder)
 
 
 async def _many_gets(api: ApiClient, n: int) -> None:
@@ -45,35 +25,27 @@ async def _many_gets(api: ApiClient, n: int) -> None:
             tg.start_soon(api.get_resource, "models", "m.bin")
 
 
-async def test_api_client_token_expired_relogs_in_once(tmp_path):
-    """80 concurrent requests after the token expired cause exactly one login."""
-    _, probe = make_hub(tmp_path, token_ttl=1)
-    with serve(probe) as url:
-        async with httpx.AsyncClient(timeout=30) as http:
-            api = ApiClient(http, url)
-            await api.login(EMAIL, PASSWORD)
-            await _publish(api, tmp_path)
-            before = probe.count("POST", "/auth/login")
-            await anyio.sleep(1.1)
-            await _many_gets(api, 80)
-            assert probe.count("POST", "/auth/login") == before + 1
-            assert probe.count("GET", "/resources/") == 80
+async def test_api_client_token_expired_relogs_in_once(sidecar, hub, clock):
+    """80 concurrent requests after the token expired cause exactly one login and no 401."""
+    await upload(sidecar, "m.bin", random_bytes(10_000))
+    logins, gets = hub.probe.count("POST", "/auth/login"), hub.probe.count("GET", "/resources/")
+    clock.advance(3600)  # the token's lifetime, on the hub's clock and the client's alike
+    await _many_gets(sidecar.api, 80)
+    assert hub.probe.count("POST", "/auth/login") == logins + 1
+    assert hub.probe.count("GET", "/resources/") == gets + 80
 
 
-async def test_api_client_upstream_401_relogs_in_once_and_retries(tmp_path):
+async def test_api_client_upstream_401_relogs_in_once_and_retries(sidecar, hub, clock):
     """When the hub rejects a token the client thinks valid, one login serves all retries."""
-    _, probe = make_hub(tmp_path, token_ttl=1)
-    with serve(probe) as url:
-        async with httpx.AsyncClient(timeout=30) as http:
-            api = ApiClient(http, url)
-            await api.login(EMAIL, PASSWORD)
-            await _publish(api, tmp_path)
-            await anyio.sleep(1.1)
-            api._expires_at = time.monotonic() + 100  # the client does not know it expired
-            before = probe.count("POST", "/auth/login")
-            await _many_gets(api, 50)
-            assert probe.count("POST", "/auth/login") == before + 1
-            assert probe.count("GET", "/resources/") == 100
+    await upload(sidecar, "m.bin", random_bytes(10_000))
+    async with httpx.AsyncClient(timeout=30) as http:
+        api = ApiClient(http, hub.url)  # on the real clock: for it, the token stays fresh
+        await api.login(*PUBLISHER)
+        clock.advance(3600)  # only the hub's time moves
+        logins, gets = hub.probe.count("POST", "/auth/login"), hub.probe.count("GET", "/resources/")
+        await _many_gets(api, 50)
+    assert hub.probe.count("POST", "/auth/login") == logins + 1
+    assert hub.probe.count("GET", "/resources/") == gets + 100
 
 
 async def test_api_client_without_login_not_authenticated(hub):
@@ -92,7 +64,7 @@ async def test_api_client_wrong_password_rejected_without_leaking(hub):
     async with httpx.AsyncClient() as http:
         api = ApiClient(http, hub.url)
         with pytest.raises(CredentialsRejectedError) as info:
-            await api.login(EMAIL, "hunter2-wrong")
+            await api.login(PUBLISHER.email, "hunter2-wrong")
         assert "hunter2" not in str(info.value)
         assert not api.authenticated
 
@@ -101,9 +73,9 @@ async def test_api_client_login_sets_status(hub):
     """A successful login makes the client authenticated under that email."""
     async with httpx.AsyncClient() as http:
         api = ApiClient(http, hub.url)
-        await api.login(EMAIL, PASSWORD)
+        await api.login(*PUBLISHER)
         assert api.authenticated
-        assert api.email == EMAIL
+        assert api.email == PUBLISHER.email
         await api.check_upstream()
 
 
@@ -115,10 +87,9 @@ async def test_api_client_missing_resource_not_found(sidecar):
 
 async def test_api_client_reader_cannot_upload_forbidden(hub):
     """A reader account gets ForbiddenError for uploads."""
-    add_user(hub.data_dir, "reader@example.com", PASSWORD, role="reader")
     async with httpx.AsyncClient() as http:
         api = ApiClient(http, hub.url)
-        await api.login("reader@example.com", PASSWORD)
+        await api.login(*READER)
         with pytest.raises(ForbiddenError):
             await api.create_upload()
 
@@ -131,26 +102,25 @@ async def test_api_client_cdn_url_replaces_host(sidecar, hub):
     port = hub.url.rsplit(":", 1)[1]
     async with httpx.AsyncClient() as http:
         api = ApiClient(http, hub.url, cdn_url=f"http://localhost:{port}")
-        async with contextlib.aclosing(api):
-            await api.login(EMAIL, PASSWORD)
-            other = await api.get_resource("models", "m.bin")
-            assert other.big_url == f"http://localhost:{port}/blobs/{info.etag}"
-            blob = b"".join([c async for c in api.stream_blob(other.big_url)])
+        await api.login(*PUBLISHER)
+        other = await api.get_resource("models", "m.bin")
+    assert other.big_url == f"http://localhost:{port}/blobs/{info.etag}"
+    blob = b"".join([c async for c in sidecar.blobs.stream(other.big_url)])
     assert len(blob) == info.big_size
     assert repr(info).find("key=") == -1
 
 
-async def test_api_client_rejected_login_keeps_earlier_session(sidecar, hub):
+async def test_api_client_rejected_login_keeps_earlier_session(sidecar, clock):
     """A wrong login after a good one changes nothing: still authenticated, reads still work."""
     await upload(sidecar, "m.bin", random_bytes(10_000))
     api = sidecar.api
     with pytest.raises(CredentialsRejectedError):
-        await api.login(EMAIL, "wrong-password")
+        await api.login(PUBLISHER.email, "wrong-password")
     with pytest.raises(CredentialsRejectedError):
-        await api.login("someone-else@example.com", PASSWORD)
+        await api.login("someone-else@example.com", PUBLISHER.password)
     assert api.authenticated
-    assert api.email == EMAIL
-    api._token = None  # the next call must log in again, with the stored credentials
+    assert api.email == PUBLISHER.email
+    clock.advance(3600)  # the token expires: the next call logs in again, with the stored ones
     assert (await api.get_resource("models", "m.bin")).name == "m.bin"
 
 
@@ -159,7 +129,7 @@ async def test_api_client_upstream_422_is_invalid_input(hub):
     async with httpx.AsyncClient() as http:
         api = ApiClient(http, hub.url)
         with pytest.raises(InvalidInputError) as info:
-            await api.login("a" * 300 + "@example.com", PASSWORD)
+            await api.login("a" * 300 + "@example.com", PUBLISHER.password)
     assert info.value.status_code == 422
     assert "upstream" in info.value.message
     assert not api.authenticated

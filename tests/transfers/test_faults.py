@@ -11,9 +11,8 @@ import anyio
 import httpx
 import pytest
 
+from harness import PUBLISHER
 from transfers.support import (
-    EMAIL,
-    PASSWORD,
     download,
     folder_models,
     random_bytes,
@@ -29,6 +28,7 @@ from unlockd.errors import (
     NotFoundError,
     UpstreamError,
 )
+from unlockd.files import read_exactly_at
 
 PS = (1 << 20) - 16
 SIZE = 6 * PS + 999
@@ -91,12 +91,12 @@ async def test_stream_blob_range_answered_200_skips_prefix(sidecar, hub):
     data = random_bytes(SIZE)
     await upload(sidecar, "m.bin", data)
     info = await sidecar.api.get_resource("models", "m.bin")
-    whole = b"".join([c async for c in sidecar.api.stream_blob(info.big_url)])
+    whole = b"".join([c async for c in sidecar.blobs.stream(info.big_url)])
     hub.probe.ignore_range = True
-    part = b"".join([c async for c in sidecar.api.stream_blob(info.big_url, 1_000_001, 2_500_000)])
+    part = b"".join([c async for c in sidecar.blobs.stream(info.big_url, 1_000_001, 2_500_000)])
     assert part == whole[1_000_001:2_500_000]
     hub.probe.cut_blob_after = 2_000_000
-    rest = b"".join([c async for c in sidecar.api.stream_blob(info.big_url, 10, None)])
+    rest = b"".join([c async for c in sidecar.blobs.stream(info.big_url, 10, None)])
     assert rest == whole[10:]
 
 
@@ -199,7 +199,7 @@ async def test_upstream_down_raises_upstream_error(tmp_path):
     async with httpx.AsyncClient(timeout=5) as http:
         api = ApiClient(http, "http://127.0.0.1:9")
         with pytest.raises(UpstreamError):
-            await api.login(EMAIL, PASSWORD)
+            await api.login(*PUBLISHER)
         with pytest.raises(UpstreamError):
             await api.check_upstream()
         assert not api.authenticated
@@ -227,16 +227,16 @@ async def test_download_cache_read_error_mid_stream_falls_back_to_cdn(sidecar, h
     await settled(sidecar)
     (entry,) = sidecar.cache_dir.iterdir()
     reads = 0
-    real_preadv = cache_module._preadv
 
-    def failing(fd, view, offset):
+    # No real disk here can fail on demand: the read function is the seam.
+    async def failing(fd, view, offset):
         nonlocal reads
         reads += 1
         if reads > 2:
             raise OSError(errno.EIO, "Input/output error")
-        return real_preadv(fd, view, offset)
+        await read_exactly_at(fd, view, offset)
 
-    monkeypatch.setattr("unlockd.cache._preadv", failing)
+    monkeypatch.setattr(cache_module, "read_exactly_at", failing)
     d = await sidecar.transfers.open_download("models", "m.bin")
     assert d.source == "cache"
     got = b"".join([chunk async for chunk in d])

@@ -9,17 +9,17 @@ import anyio
 import httpx
 import pytest
 
+from harness import PUBLISHER, eventually_async
 from servers import serve
 from transfers.support import (
-    EMAIL,
-    PASSWORD,
     download,
-    make_hub,
+    file_size_limit,
     random_bytes,
     settled,
     upload,
 )
 from unlockd.api_client import ApiClient
+from unlockd.blobs import BlobClient
 from unlockd.cache import BigPartCache
 from unlockd.errors import CiphertextError, UpstreamError
 from unlockd.metrics import Metrics
@@ -63,11 +63,11 @@ async def test_download_range_shares_download_and_cleans_up(hub, tmp_path):
         httpx.AsyncClient(timeout=30) as http,
     ):
         api = ApiClient(http, hub.url, metrics=metrics)
-        await stack.enter_async_context(contextlib.aclosing(api))
-        await api.login(EMAIL, PASSWORD)
-        cache = BigPartCache(tmp_path / "cache", metrics)
-        stack.push_async_callback(cache.aclose)
-        transfers = Transfers(api, cache, metrics)
+        await api.login(*PUBLISHER)
+        blobs = BlobClient(metrics)
+        stack.push_async_callback(blobs.aclose)
+        cache = await stack.enter_async_context(BigPartCache(tmp_path / "cache", metrics))
+        transfers = Transfers(api, cache, blobs, metrics)
         await transfers.upload("m.bin", _once(data), _models)
         first = await transfers.open_download("models", "m.bin")
         second = await transfers.open_download("models", "m.bin", (PS, len(data)))
@@ -76,32 +76,28 @@ async def test_download_range_shares_download_and_cleans_up(hub, tmp_path):
         await first.aclose()
         await second.aclose()
         assert got == data
-        with anyio.fail_after(10):
-            while cache._fetches:  # noqa: ASYNC110
-                await anyio.sleep(0.01)
+        await eventually_async(lambda: not cache._fetches)
     assert [p.name.startswith(".") for p in (tmp_path / "cache").iterdir()] == [False]
     assert len(hub.probe.blob_requests()) == 1
 
 
-async def test_get_resource_upstream_down_raises_upstream_error(tmp_path):
+async def test_get_resource_upstream_down_raises_upstream_error(hub_probe):
     """A hub that goes away after login makes resource calls fail with UpstreamError."""
-    _, probe = make_hub(tmp_path)
     async with httpx.AsyncClient(timeout=5) as http:
-        with serve(probe) as url:
+        with serve(hub_probe()) as url:
             api = ApiClient(http, url)
-            await api.login(EMAIL, PASSWORD)
+            await api.login(*PUBLISHER)
         with pytest.raises(UpstreamError):
             await api.get_resource("models", "m.bin")
 
 
-async def test_stream_blob_cdn_down_gives_up_with_upstream_error():
+async def test_cdn_stream_cdn_down_gives_up_with_upstream_error():
     """An unreachable CDN is retried a few times with backoff, then UpstreamError."""
-    async with httpx.AsyncClient(timeout=5) as http:
-        api = ApiClient(http, "http://127.0.0.1:9")
-        async with contextlib.aclosing(api):
-            with anyio.fail_after(10), pytest.raises(UpstreamError, match="5 attempts"):
-                async for _ in api.stream_blob("http://127.0.0.1:9/blobs/x", 0, 10):
-                    pass
+    blobs = BlobClient(Metrics())
+    async with contextlib.aclosing(blobs):
+        with anyio.fail_after(10), pytest.raises(UpstreamError, match="5 attempts"):
+            async for _ in blobs.stream("http://127.0.0.1:9/blobs/x", 0, 10):
+                pass
 
 
 async def _once(data: bytes):
@@ -127,15 +123,11 @@ async def test_download_far_range_uncached_streams_from_cdn(sidecar, hub, monkey
     assert blob["range"].startswith(f"bytes={(1 << 20) - 4096}-")  # segment 1, big-part offset
 
 
-async def test_download_cache_write_fails_falls_back_to_cdn(sidecar, hub, monkeypatch):
-    """A cache that cannot be written (disk full) still serves the download from the CDN."""
-
-    def full(*_args):
-        raise OSError(28, "No space left on device")
-
-    monkeypatch.setattr("unlockd.cache._pwritev", full)
+async def test_download_cache_write_fails_falls_back_to_cdn(sidecar):
+    """A cache that cannot be written (as on a full disk) still serves the download from the CDN."""
     data = random_bytes(5 * PS)
     await upload(sidecar, "m.bin", data)
-    assert await download(sidecar, "m.bin") == data
-    await settled(sidecar)
+    with file_size_limit(PS):  # the cache entry cannot grow past its first segment
+        assert await download(sidecar, "m.bin") == data
+        await settled(sidecar)
     assert list(sidecar.cache_dir.iterdir()) == []

@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from unlock.support import (
-    PUBLISHER,
-    READER,
-    Engine,
-    docker_required,
-    engine_client,
-    probe_docker,
-)
+from unlock.support import Engine, docker_required, engine_client, probe_docker
 from unlockd.demo import build_image_archive
 
 
@@ -49,14 +42,7 @@ def image_archive():
     return build_image_archive
 
 
-@pytest.fixture(scope="module")
-def hub_url(tmp_path_factory):
-    """A real hub on loopback with a publisher and a reader account."""
-    from servers import serve  # noqa: PLC0415
-    from unlockd.hub import HubSettings, add_user, create_hub_app  # noqa: PLC0415
-
-    data_dir = tmp_path_factory.mktemp("hub")
-    add_user(data_dir, *PUBLISHER, role="publisher")
-    add_user(data_dir, *READER, role="reader")
-    with serve(create_hub_app(HubSettings(data_dir=data_dir))) as url:
-        yield url
+@pytest.fixture(scope="session")
+def hub_url(shared_hub):
+    """The session's hub (publisher and reader accounts); tests register keys of their own."""
+    return shared_hub.url

@@ -1,4 +1,4 @@
-"""Helpers shared by the unlock tests and fixtures: accounts and engine access."""
+"""Helpers shared by the unlock tests and fixtures: engine access and sealing."""
 
 from __future__ import annotations
 
@@ -9,12 +9,10 @@ import uuid
 
 import httpx
 
+from harness import PUBLISHER
 from unlockd.demo import IMAGE_LABEL
 from unlockd.docker import resolve_docker_host
 from unlockd.seal import seal
-
-PUBLISHER = ("publisher@example.com", "publisher-password")
-READER = ("reader@example.com", "reader-password")
 
 
 def probe_docker() -> tuple[str, str | None]:

@@ -9,8 +9,9 @@ import anyio
 import httpx
 import pytest
 
+from harness import PUBLISHER, READER, eventually_async
 from servers import serve
-from unlock.support import PUBLISHER, READER, seal_archive
+from unlock.support import seal_archive
 from unlockd.app import create_app
 from unlockd.config import Settings
 
@@ -31,12 +32,11 @@ def _settings(hub_url, docker_host, tmp_path, archive):
 
 
 async def _poll(client, until):
-    for _ in range(3000):
+    async def reached():
         status = (await client.get("/unlock/status")).json()
-        if until(status):
-            return status
-        await asyncio.sleep(0.01)
-    raise AssertionError(status)
+        return status if until(status) else None
+
+    return await eventually_async(reached, timeout=30)
 
 
 async def test_http_unlock_poll_ready_with_images(
@@ -112,9 +112,7 @@ async def test_http_unlock_shutdown_mid_run_interrupted_no_leftovers(
     assert plaintext == []
     if status["error"].endswith("(while loading_images)"):
         # The engine had the whole authentic archive: it may still commit it; let it settle.
-        with anyio.fail_after(30):
-            while engine.tags() != {tag}:  # noqa: ASYNC110 - the engine has no event for this
-                await anyio.sleep(0.05)
+        await eventually_async(lambda: engine.tags() == {tag}, timeout=30)
     else:
         await anyio.sleep(0.5)
         assert engine.tags() == set()

@@ -13,7 +13,7 @@ import anyio
 import httpx
 import pytest
 
-from unlock.support import PUBLISHER, READER
+from harness import PUBLISHER, READER
 from unlockd.api_client import ApiClient
 from unlockd.crypto_stream import Decryptor
 from unlockd.docker import DockerLoader
@@ -139,11 +139,11 @@ async def test_seal_images_from_engine_unlock_restores_them(
     assert engine.tags() == set()
     async with httpx.AsyncClient() as http:
         loader = DockerLoader(docker_host)
-        manager = UnlockManager(
-            archive=out, key_id="cli-img", api=ApiClient(http, hub_url), docker=loader
-        )
         async with anyio.create_task_group() as tg:
-            await manager.start(tg, *READER)
+            manager = UnlockManager(
+                tg, archive=out, key_id="cli-img", api=ApiClient(http, hub_url), docker=loader
+            )
+            await manager.start(*READER)
         await loader.close()
     assert manager.status()["state"] == "ready", manager.status()
     assert sorted(manager.status()["images"]) == sorted(tags)

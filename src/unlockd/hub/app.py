@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import anyio
@@ -17,7 +18,7 @@ from unlockd.hub.routes import routes
 from unlockd.hub.store import Store
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterator, Callable
 
     from unlockd.hub.config import HubSettings
 
@@ -40,8 +41,13 @@ async def _clean_periodically(store: Store, tokens: TokenStore, upload_ttl: floa
         tokens.prune()
 
 
-def create_hub_app(settings: HubSettings) -> Starlette:
-    """Return the hub's ASGI app; the lifespan opens the store under ``settings.data_dir``."""
+def create_hub_app(
+    settings: HubSettings, *, clock: Callable[[], float] = time.monotonic
+) -> Starlette:
+    """Return the hub's ASGI app; the lifespan opens the store under ``settings.data_dir``.
+
+    ``clock`` is the time that tokens expire by (tests pass one they move by hand).
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -52,7 +58,7 @@ def create_hub_app(settings: HubSettings) -> Starlette:
             # Computed once up front so the first unknown-email login is not faster.
             await anyio.to_thread.run_sync(dummy_password_hash)
             app.state.store = store
-            app.state.tokens = TokenStore(settings.token_ttl)
+            app.state.tokens = TokenStore(settings.token_ttl, clock=clock)
             # scrypt takes 16 MiB and ~50 ms a login: a burst of logins must not fill every
             # worker thread (and hundreds of MiB) at once.
             app.state.password_limiter = anyio.CapacityLimiter(PASSWORD_HASHING_THREADS)

@@ -11,8 +11,12 @@ import hmac
 import secrets
 import threading
 import time
+from typing import TYPE_CHECKING
 
 from unlockd.errors import ForbiddenError, InvalidInputError, NotAuthenticatedError
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 __all__ = [
     "PASSWORD_HASHING_THREADS",
@@ -98,10 +102,14 @@ class Principal:
 
 
 class TokenStore:
-    """Bearer tokens in memory, kept only as SHA-256 digests with their expiry."""
+    """Bearer tokens in memory, kept only as SHA-256 digests with their expiry.
 
-    def __init__(self, ttl: float) -> None:
+    ``clock`` tells the time in seconds (``time.monotonic`` unless a test moves time itself).
+    """
+
+    def __init__(self, ttl: float, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.ttl = ttl
+        self._clock = clock
         self._lock = threading.Lock()
         self._tokens: dict[bytes, tuple[Principal, float]] = {}
 
@@ -113,7 +121,7 @@ class TokenStore:
         """Return a new token for ``principal``, valid for ``ttl`` seconds."""
         token = secrets.token_urlsafe(32)
         with self._lock:
-            self._tokens[self._digest(token)] = (principal, time.monotonic() + self.ttl)
+            self._tokens[self._digest(token)] = (principal, self._clock() + self.ttl)
         return token
 
     def check(self, authorization: str | None) -> Principal:
@@ -126,7 +134,7 @@ class TokenStore:
         digest = self._digest(token.strip())
         with self._lock:
             entry = self._tokens.get(digest)
-            if entry is not None and entry[1] <= time.monotonic():
+            if entry is not None and entry[1] <= self._clock():
                 del self._tokens[digest]
                 entry = None
         if entry is None:
@@ -136,7 +144,7 @@ class TokenStore:
 
     def prune(self) -> int:
         """Drop expired tokens; return how many."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             expired = [d for d, (_, expiry) in self._tokens.items() if expiry <= now]
             for digest in expired:

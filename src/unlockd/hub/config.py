@@ -7,8 +7,16 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from unlockd.config import integer
-from unlockd.errors import InvalidInputError
+from unlockd.config import (
+    Config,
+    Setting,
+    at_least,
+    path,
+    port_number,
+    read_settings,
+    text,
+    validate_settings,
+)
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -34,45 +42,32 @@ class HubSettings:
     upload_ttl: int = 3600
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "data_dir", Path(self.data_dir))
-        # Built in code, so the error names the field; from_environ names the flag or variable.
-        for name, (_, _, minimum, maximum) in _INTEGERS.items():
-            integer(name, getattr(self, name), minimum, maximum)
+        validate_settings(self, _HUB)
 
     @classmethod
     def from_environ(cls, environ: Mapping[str, str], **overrides: Any) -> HubSettings:
-        """Build settings from ``UNLOCKD_HUB_*`` variables; non-None ``overrides`` win."""
-        fields = {field.name for field in dataclasses.fields(cls)}
-        if unknown := sorted(set(overrides) - fields):
-            msg = f"unknown hub setting {unknown[0]!r}"
-            raise InvalidInputError(msg)
-        values: dict[str, Any] = {
-            "data_dir": resolve_data_dir(environ, overrides.get("data_dir")),
-        }
-        if raw := environ.get("UNLOCKD_HUB_HOST"):
-            values["host"] = raw
-        if overrides.get("host") is not None:
-            values["host"] = overrides["host"]
-        for name, (variable, flag, minimum, maximum) in _INTEGERS.items():
-            if (override := overrides.get(name)) is not None:
-                values[name] = integer(flag, override, minimum, maximum)
-            elif raw := environ.get(variable):
-                values[name] = integer(variable, raw, minimum, maximum)
+        """Build settings from ``UNLOCKD_HUB_*`` variables; non-None ``overrides`` win.
+
+        Raises :class:`~unlockd.errors.InvalidInputError` naming the variable or flag of a
+        bad value.
+        """
+        values = read_settings(environ, _HUB, overrides)
+        values.setdefault("data_dir", default_data_dir(environ))
         return cls(**values)
 
 
 def resolve_data_dir(environ: Mapping[str, str], override: object = None) -> Path:
     """The data dir: ``override`` (a flag) if given, else ``UNLOCKD_HUB_DATA_DIR``, else default."""
-    if override is not None:
-        return Path(str(override)).expanduser()
-    if raw := environ.get("UNLOCKD_HUB_DATA_DIR"):
-        return Path(raw).expanduser()
-    return default_data_dir(environ)
+    config = Config(environ, {"--data-dir": override})
+    setting = _HUB["data_dir"]
+    data_dir: Path | None = config(setting.variable, setting.cast, None, flag=setting.flag)
+    return default_data_dir(environ) if data_dir is None else data_dir
 
 
-# Each integer field, by name: its variable, its flag, and its bounds.
-_INTEGERS: dict[str, tuple[str, str, int, int | None]] = {
-    "port": ("UNLOCKD_HUB_PORT", "--port", 0, 65535),
-    "token_ttl": ("UNLOCKD_HUB_TOKEN_TTL", "--token-ttl", 1, None),
-    "upload_ttl": ("UNLOCKD_HUB_UPLOAD_TTL", "--upload-ttl", 1, None),
+_HUB = {
+    "data_dir": Setting("UNLOCKD_HUB_DATA_DIR", path, "--data-dir"),
+    "host": Setting("UNLOCKD_HUB_HOST", text),
+    "port": Setting("UNLOCKD_HUB_PORT", port_number),
+    "token_ttl": Setting("UNLOCKD_HUB_TOKEN_TTL", at_least(1)),
+    "upload_ttl": Setting("UNLOCKD_HUB_UPLOAD_TTL", at_least(1)),
 }

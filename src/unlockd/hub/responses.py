@@ -6,10 +6,11 @@ import os
 from typing import TYPE_CHECKING
 
 import anyio
-import anyio.to_thread
+import anyio.lowlevel
 from starlette.responses import Response
 
-from unlockd.errors import UnlockdError
+from unlockd.errors import StorageError
+from unlockd.files import read_at
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -66,13 +67,16 @@ class BlobResponse(Response):
         position = self.start
         while self.send_body and position < self.end:
             count = min(CHUNK_SIZE, self.end - position)
-            data = await anyio.to_thread.run_sync(os.pread, self.fd, count, position)
+            data = await read_at(self.fd, count, position)
             if not data:
                 msg = f"blob file ended at {position} of {self.end} bytes"
-                raise UnlockdError(msg)
+                raise StorageError(msg)
             position += len(data)
             await send(
                 {"type": "http.response.body", "body": data, "more_body": position < self.end}
             )
+            # A send to a fast client never blocks: without a checkpoint one download would
+            # keep the loop (and every other request) waiting until it ends.
+            await anyio.lowlevel.checkpoint()
         if not self.send_body or self.start == self.end:
             await send({"type": "http.response.body", "body": b"", "more_body": False})

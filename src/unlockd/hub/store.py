@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
-import os
 import re
 import secrets
 import sqlite3
@@ -25,12 +24,13 @@ import threading
 import time
 from collections import Counter
 from functools import partial
-from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import anyio.to_thread
 
-from unlockd.errors import ConflictError, NotFoundError, UnlockdError
+from unlockd.errors import ConflictError, NotFoundError, StorageError
+from unlockd.files import AtomicFile
 from unlockd.hub.auth import Role
 
 if TYPE_CHECKING:
@@ -104,14 +104,10 @@ class UploadResult:
     sha256: str
 
 
-def _write_hashed(file: BinaryIO, digest: Any, data: bytes | bytearray) -> None:
+def _write_hashed(file: IO[bytes], digest: Any, data: bytes | bytearray) -> None:
     # hashlib and file writes release the GIL for large buffers: both run off the event loop.
     digest.update(data)
     file.write(data)
-
-
-def _create(path: Path) -> BinaryIO:
-    return path.open("wb", buffering=0)
 
 
 def _unlink(path: Path) -> None:
@@ -155,7 +151,7 @@ class Store:
             )
         except sqlite3.Error as exc:
             msg = f"cannot open the hub database {self.database}: {exc}"
-            raise UnlockdError(msg) from exc
+            raise StorageError(msg) from exc
         self._db = db
         try:
             db.execute("PRAGMA journal_mode = WAL")
@@ -164,7 +160,7 @@ class Store:
         except sqlite3.Error as exc:
             self.close()
             msg = f"cannot open the hub database {self.database}: {exc}"
-            raise UnlockdError(msg) from exc
+            raise StorageError(msg) from exc
         except BaseException:
             self.close()
             raise
@@ -181,7 +177,7 @@ class Store:
             (version,) = db.execute("PRAGMA user_version").fetchone()
             if version > len(_MIGRATIONS):
                 msg = f"{self.database} has schema {version}, newer than this unlockd knows"
-                raise UnlockdError(msg)
+                raise StorageError(msg)
             for number in range(version, len(_MIGRATIONS)):
                 for statement in _MIGRATIONS[number].split(";"):
                     if statement.strip():
@@ -195,7 +191,7 @@ class Store:
             db = self._db
             if db is None:
                 msg = "the hub store is closed"
-                raise UnlockdError(msg)
+                raise StorageError(msg)
             db.execute("BEGIN IMMEDIATE")
             try:
                 result = work(db)
@@ -368,53 +364,47 @@ class Store:
         """
         target = self._upload_path(upload_id)
         await self._run(partial(self._touch_upload, upload_id))
-        temp = self.tmp_dir / f"{upload_id}.{secrets.token_hex(8)}.part"
+        # No directory fsync: recover() drops a row whose body a crash lost.
+        temp = AtomicFile(target, temp_dir=self.tmp_dir, sync_dir=False)
         self._writing[upload_id] += 1
         try:
             try:
-                result = await self._receive(temp, chunks)
-            except BaseException:
+                async with temp:
+                    result = await self._receive(temp, chunks)
+                    with anyio.CancelScope(shield=True):
+                        async with self._lock:
+                            # The upload may have been deleted or published meanwhile.
+                            await self._run(partial(self._upload_row, upload_id))
+                            await anyio.to_thread.run_sync(temp.publish)
+                            await self._run(partial(self._finish_upload, upload_id, result))
+            except OSError as exc:
+                msg = f"cannot store the upload: {exc.strerror or exc}"
+                raise StorageError(msg) from exc
+        except BaseException:
+            if not temp.published:
                 # A body cut off (client gone, task cancelled, disk full) abandons the upload.
                 with anyio.CancelScope(shield=True):
                     await self._delete_upload(upload_id)
-                raise
-            with anyio.CancelScope(shield=True):
-                async with self._lock:
-                    # The upload may have been deleted or published while its body arrived.
-                    await self._run(partial(self._upload_row, upload_id))
-                    await _rename(temp, target)
-                    await self._run(partial(self._finish_upload, upload_id, result))
+            raise
         finally:
             self._writing[upload_id] -= 1
             if not self._writing[upload_id]:
                 del self._writing[upload_id]
-            with anyio.CancelScope(shield=True):
-                await _remove(temp)
         return result
 
     @staticmethod
-    async def _receive(temp: Path, chunks: AsyncIterable[bytes]) -> UploadResult:
+    async def _receive(temp: AtomicFile, chunks: AsyncIterable[bytes]) -> UploadResult:
         digest = hashlib.sha256()
         size = 0
-        try:
-            # Unbuffered: we write 1 MiB blocks ourselves, and close() cannot block on a flush.
-            file = await anyio.to_thread.run_sync(_create, temp)
-            try:
-                buffer = bytearray()
-                async for chunk in chunks:
-                    buffer += chunk
-                    if len(buffer) >= _WRITE_SIZE:
-                        await anyio.to_thread.run_sync(_write_hashed, file, digest, buffer)
-                        size += len(buffer)
-                        buffer = bytearray()
-                await anyio.to_thread.run_sync(_write_hashed, file, digest, buffer)
+        buffer = bytearray()
+        async for chunk in chunks:
+            buffer += chunk
+            if len(buffer) >= _WRITE_SIZE:
+                await anyio.to_thread.run_sync(_write_hashed, temp.file, digest, buffer)
                 size += len(buffer)
-                await anyio.to_thread.run_sync(os.fsync, file.fileno())
-            finally:
-                file.close()
-        except OSError as exc:
-            msg = f"cannot store the upload: {exc.strerror or exc}"
-            raise UnlockdError(msg) from exc
+                buffer = bytearray()
+        await anyio.to_thread.run_sync(_write_hashed, temp.file, digest, buffer)
+        size += len(buffer)
         return UploadResult(size, digest.hexdigest())
 
     @staticmethod
