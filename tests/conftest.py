@@ -15,8 +15,8 @@ import stamina
 from harness import ACCOUNTS, PUBLISHER, READER, Account, FakeClock, Hub
 from servers import serve
 from unlockd.hub import HubSettings, create_hub_app
+from unlockd.hub.accounts import save_user
 from unlockd.hub.auth import hash_password
-from unlockd.hub.store import Store
 
 if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
@@ -37,14 +37,9 @@ def _instant_retries() -> Iterator[None]:
 def _accounts_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A data dir holding only the account table: scrypt runs once per session, not per hub."""
     template = tmp_path_factory.mktemp("hub-template")
-    store = Store(template)
-    store.open()
-    try:
-        for (email, password), role in ACCOUNTS.items():
-            # A low scrypt cost keeps logins fast; add_user's real cost is tested apart.
-            store.put_user(email, hash_password(password, n=2**10), role)
-    finally:
-        store.close()
+    for (email, password), role in ACCOUNTS.items():
+        # A low scrypt cost keeps logins fast; add_user's real cost is tested apart.
+        save_user(template, email, hash_password(password, n=2**10), role)
     return template
 
 

@@ -16,9 +16,11 @@ from starlette.responses import JSONResponse
 from unlockd.api_client import ApiClient
 from unlockd.blobs import BlobClient
 from unlockd.cache import BigPartCache
+from unlockd.cachedir import CacheDirectory
 from unlockd.docker import DockerLoader
 from unlockd.httputil import json_exception_handlers
 from unlockd.metrics import Metrics
+from unlockd.pull import Pulls
 from unlockd.routes import routes
 from unlockd.transfers import Transfers
 from unlockd.unlock import UnlockManager
@@ -66,19 +68,30 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         http = await stack.enter_async_context(
             httpx.AsyncClient(timeout=_TIMEOUT, limits=_LIMITS, http1=True)
         )
-        blobs = BlobClient(metrics)
+        blobs = BlobClient(metrics, stall_timeout=settings.cdn_stall_timeout)
         stack.push_async_callback(blobs.aclose)
         docker = DockerLoader(settings.docker_host)
         stack.push_async_callback(docker.close)
         # The cache owns its downloads (a failing one must not take the app down); the app's
         # task group holds the unlock run. Both are cancelled on shutdown.
-        cache = await stack.enter_async_context(BigPartCache(settings.cache_dir, metrics))
+        cache = await stack.enter_async_context(
+            BigPartCache(
+                settings.cache_dir,
+                metrics,
+                connections=settings.cdn_connections,
+                part_size=settings.cdn_part_size,
+                max_bytes=settings.cache_max_bytes,
+                min_free=await anyio.to_thread.run_sync(_min_free_bytes, settings),
+            )
+        )
         task_group = await stack.enter_async_context(anyio.create_task_group())
         stack.callback(task_group.cancel_scope.cancel)
         api = ApiClient(http, settings.upstream_url, cdn_url=settings.cdn_url, metrics=metrics)
         app.state.api = api
         app.state.cache = cache
-        app.state.transfers = Transfers(api, cache, blobs, metrics, small_size=settings.small_size)
+        transfers = Transfers(api, cache, blobs, metrics, small_size=settings.small_size)
+        app.state.transfers = transfers
+        app.state.pulls = Pulls(transfers, task_group)
         app.state.unlock = UnlockManager(
             task_group,
             archive=settings.archive,
@@ -90,15 +103,31 @@ async def _lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
 
 
+# The operator page is static and holds no secret: it must load to ask for the token.
+_PUBLIC_PATHS = frozenset({"/health", "/"})
+
+
+def _min_free_bytes(settings: Settings) -> int:
+    # The directory may not exist yet (the cache creates it): its filesystem is its parent's.
+    directory = settings.cache_dir
+    while not directory.exists() and directory != directory.parent:
+        directory = directory.parent
+    try:
+        total = CacheDirectory(directory).total_bytes()
+    except OSError:
+        return 0  # an unusable cache dir: /ready says so, and nothing can be evicted anyway
+    return settings.cache_min_free.bytes_of(total)
+
+
 class TokenAuthMiddleware:
-    """Require ``Authorization: Bearer <token>`` on every endpoint but /health, if configured."""
+    """Require ``Authorization: Bearer <token>`` on every endpoint but /health and /, if set."""
 
     def __init__(self, app: ASGIApp, token: str | None) -> None:
         self.app = app
         self.expected = None if token is None else token.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if self.expected is None or scope["type"] != "http" or scope["path"] == "/health":
+        if self.expected is None or scope["type"] != "http" or scope["path"] in _PUBLIC_PATHS:
             await self.app(scope, receive, send)
             return
         given = next((v for k, v in scope["headers"] if k == b"authorization"), b"")

@@ -37,11 +37,13 @@ if TYPE_CHECKING:
 
     from unlockd.metrics import Metrics
 
-__all__ = ["BlobClient", "StreamedBody"]
+__all__ = ["DEFAULT_STALL_TIMEOUT", "BlobClient", "StreamedBody"]
 
 logger = logging.getLogger(__name__)
 
-_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=60)
+DEFAULT_STALL_TIMEOUT = 10.0
+# The upstream answers an upload once the body is on its disk: give it time to fsync.
+_UPLOAD_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=300)
 
 
 class StreamedBody(AsyncIterablePayload):
@@ -84,14 +86,17 @@ class _RetryableError(Exception):
 class BlobClient:
     """Streams blob bytes to and from the upstream; one pooled aiohttp session, made lazily."""
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, *, stall_timeout: float = DEFAULT_STALL_TIMEOUT) -> None:
         self._metrics = metrics
+        # A connection that delivers no byte for this long is dropped, and its read resumed
+        # on a fresh one (a retry): one stalled connection must not hold a download up.
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=stall_timeout)
         self._session: aiohttp.ClientSession | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         # Made lazily: an aiohttp session belongs to the event loop it is created in.
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=_TIMEOUT, auto_decompress=False)
+            self._session = aiohttp.ClientSession(timeout=self._timeout, auto_decompress=False)
         return self._session
 
     @contextlib.contextmanager
@@ -149,7 +154,8 @@ class BlobClient:
         path = url.rpartition("://")[2].partition("/")[2]
         payload = StreamedBody(body)
         try:
-            async with self._client().put(url, data=payload, headers=headers) as response:
+            put = self._client().put(url, data=payload, headers=headers, timeout=_UPLOAD_TIMEOUT)
+            async with put as response:
                 status = response.status
                 await response.read()
         except (aiohttp.ClientError, TimeoutError) as exc:

@@ -2,26 +2,24 @@
 
 An entry is a file named after its etag, published by rename only once it is complete and
 of the expected size, so a reader never sees half an entry and a new version (new etag)
-never mixes with an old one. A miss starts one shared download per etag (a :class:`_Fetch`)
-that keeps its most recent bytes in memory while a writer copies them to a temp file: the
-readers of a cold entry are served from memory at network speed and fall back to the temp
-file only when they lag behind, so a slow disk does not hold the first client back (it
-only does once the writer lags by more than ``max_lag`` bytes, which bounds memory).
+never mixes with an old one. A miss starts one shared download per etag (a :class:`_Fetch`):
+parts of the big part fetched over several connections at once and written at their offsets
+into a temp file, from which readers take their bytes as soon as they are written. Every
+reader of the entry, whatever range it wants, joins that one download, so parallel range
+downloaders and resumes warm the cache too.
 
 The download belongs to the cache, not to a request: it runs in the cache's task group,
-entered in the app's lifespan (``async with BigPartCache(...) as cache``). A client that
-goes away does not stop the others; when the last reader goes, an unfinished download is
-cancelled and its temp file removed.
+entered in the app's lifespan (``async with BigPartCache(...) as cache``), and goes on when
+its readers leave, to complete the entry; shutdown cancels it and removes its temp file.
 """
 
 from __future__ import annotations
 
-import bisect
+import collections
 import contextlib
-import hashlib
+import functools
 import logging
 import os
-import re
 import secrets
 from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Protocol, Self
@@ -29,8 +27,9 @@ from typing import TYPE_CHECKING, Protocol, Self
 import anyio
 import anyio.to_thread
 
-from unlockd.errors import StorageError, UpstreamError
-from unlockd.files import read_exactly_at
+from unlockd.cachedir import CacheDirectory, CacheEntry, hold_shared
+from unlockd.errors import ConflictError, StorageError, UpstreamError
+from unlockd.files import TEMP_SUFFIX, AtomicFile, read_exactly_at
 
 if TYPE_CHECKING:
     from pathlib import Path
@@ -40,20 +39,24 @@ if TYPE_CHECKING:
 
     from unlockd.metrics import Metrics
 
-__all__ = ["BigPartCache", "BigPartReader", "FetchFunction"]
+__all__ = [
+    "DEFAULT_CONNECTIONS",
+    "DEFAULT_PART_SIZE",
+    "BigPartCache",
+    "BigPartReader",
+    "FetchFunction",
+]
 
 logger = logging.getLogger(__name__)
 
 # Opens a CDN stream of big-part bytes [start, end).
 FetchFunction = Callable[[int, int], AsyncGenerator[bytes, None]]
 
-_SAFE_ETAG = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}")
-_TEMP_SUFFIX = ".tmp"
-_MAX_LAG = 16 << 20  # unwritten bytes held in memory before the download waits for the disk
-_KEEP = 4 << 20  # written bytes kept in memory for readers just behind the download
-_WRITE_BATCH = 8 << 20
-_ANNOUNCE = 1 << 20  # wake readers and the writer once per this many bytes, not per chunk
-_AHEAD = 64 << 20  # a read this far beyond a download's progress goes to the CDN directly
+# A part's bytes go to the file (through a worker thread) in batches of this size, which is
+# also the granularity at which its readers wake up; memory is about connections x batch.
+_WRITE_BATCH = 1 << 20
+DEFAULT_CONNECTIONS = 8
+DEFAULT_PART_SIZE = 8 << 20
 
 
 class BigPartReader(Protocol):
@@ -71,25 +74,79 @@ class BigPartReader(Protocol):
 class BigPartCache:
     """A directory of ciphertext big parts with shared, cancellable downloads."""
 
-    def __init__(self, directory: Path, metrics: Metrics) -> None:
+    def __init__(  # noqa: PLR0913 - the directory and its limits, keyword-only
+        self,
+        directory: Path,
+        metrics: Metrics,
+        *,
+        connections: int = DEFAULT_CONNECTIONS,
+        part_size: int = DEFAULT_PART_SIZE,
+        max_bytes: int | None = None,
+        min_free: int = 0,
+    ) -> None:
         self.directory = directory
+        self.files = CacheDirectory(directory)
+        self.connections = connections
+        self.part_size = part_size
+        self.max_bytes = max_bytes
+        self.min_free = min_free
         self._metrics = metrics
         self._task_group: TaskGroup | None = None
         self._fetches: dict[str, _Fetch] = {}
         directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob(f".*{_TEMP_SUFFIX}"):
+        for stale in directory.glob(f".*{TEMP_SUFFIX}"):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
 
     def path(self, etag: str) -> Path:
         """The file of the published entry for ``etag`` (which may not exist)."""
-        if _SAFE_ETAG.fullmatch(etag):
-            return self.directory / etag
-        return self.directory / hashlib.sha256(etag.encode()).hexdigest()
+        return self.files.entry_path(etag)
+
+    async def entries(self) -> list[CacheEntry]:
+        """The entries, complete or downloading, with their resources' names."""
+        return await anyio.to_thread.run_sync(self.files.entries)
+
+    async def drop(self, folder: str, filename: str) -> int:
+        """Remove the cached versions of ``folder/filename``; return how many.
+
+        Raises ConflictError when one is being read or downloaded: it stays.
+        """
+        dropped = 0
+        for entry in await self.entries():
+            if (entry.folder, entry.filename) != (folder, filename):
+                continue
+            removed = entry.etag not in self._fetches and await anyio.to_thread.run_sync(
+                self.files.remove, entry.etag
+            )
+            if not removed:
+                msg = f"{folder}/{filename} is being read or downloaded; try again later"
+                raise ConflictError(msg)
+            dropped += 1
+        return dropped
+
+    async def sweep(self, reserve: int = 0) -> None:
+        """Remove superseded versions and the least recently used entries, to stay in limits.
+
+        ``reserve`` bytes are kept free on top, for a download about to start.
+        """
+        max_bytes = None if self.max_bytes is None else max(self.max_bytes - reserve, 0)
+        removed = await anyio.to_thread.run_sync(
+            functools.partial(
+                self.files.sweep,
+                max_bytes=max_bytes,
+                min_free=self.min_free + reserve,
+                keep=frozenset(self._fetches),
+            )
+        )
+        for entry in removed:
+            logger.info(
+                "cache: removed %s/%s (etag %s, %d bytes)",
+                entry.folder, entry.filename, entry.etag, entry.size,
+            )  # fmt: skip
 
     def writable(self) -> bool:
         """Tell whether an entry could be written now (for readiness checks)."""
-        probe = self.directory / f".probe-{secrets.token_hex(8)}{_TEMP_SUFFIX}"
+        probe = self.directory / f".probe-{secrets.token_hex(8)}{TEMP_SUFFIX}"
         try:
             probe.write_bytes(b"")
             probe.unlink()
@@ -114,34 +171,39 @@ class BigPartCache:
             logger.warning("cannot remove cache entry %s: %s", etag, exc.strerror or exc)
 
     async def open(
-        self, etag: str, size: int, fetch: FetchFunction, start: int = 0
+        self,
+        etag: str,
+        size: int,
+        fetch: FetchFunction,
+        start: int = 0,
+        *,
+        name: tuple[str, str] = ("", ""),
     ) -> BigPartReader:
         """Return a reader of the big part ``etag`` of ``size`` bytes, to be read from ``start``.
 
-        Served from the cache when present; otherwise from a shared download that fills it,
-        or straight from the CDN when the cache cannot help (a read far into an entry that is
-        not being downloaded, or a cache directory that cannot be written).
+        ``name`` is the resource's ``(folder, filename)``, recorded with a new entry.
+
+        Served from the cache when present; otherwise from the shared download that fills it
+        (started if needed; the part holding ``start`` is fetched first), or straight from the
+        CDN when the cache cannot help (a cache directory that cannot be written).
         """
         if (reader := await self._open_entry(etag, size, fetch)) is not None:
             self._metrics.cache_hits.inc()
             return reader
         existing = self._fetches.get(etag)
-        if (
-            existing is not None
-            and not existing.poisoned
-            and existing.size == size
-            and start <= existing.received + _AHEAD
-        ):
+        if existing is not None and not existing.poisoned and existing.size == size:
             # Neither a hit nor a miss of the disk cache: the download was counted as a miss.
+            existing.prioritize(start)
             return existing.attach()
         self._metrics.cache_misses.inc()
-        if existing is not None or start > _AHEAD:
-            return _StreamReader(fetch, size)
+        if existing is not None:
+            return _StreamReader(fetch, size)  # a poisoned download: leave it to end alone
         try:
-            started = self._start(etag, size, fetch)
+            started = self._start(etag, size, fetch, name)
         except OSError as exc:
             logger.warning("cannot write to the cache (%s); streaming from the CDN", exc.strerror)
             return _StreamReader(fetch, size)
+        started.prioritize(start)
         return started.attach()
 
     async def _open_entry(self, etag: str, size: int, fetch: FetchFunction) -> BigPartReader | None:
@@ -158,23 +220,26 @@ class BigPartCache:
         except OSError as exc:
             actual = None
             logger.warning("cannot stat cache entry %s: %s", etag, exc.strerror)
-        if actual == size:
+        if actual == size and hold_shared(fd):
+            # In use from now on (until closed): eviction and `unlockd cache prune` pass it by.
+            self.files.touch(etag)
             return _FileReader(self, etag, fetch, size, fd)
         os.close(fd)
+        if actual == size:
+            return None  # being removed right now: a miss
         if actual is not None:
             logger.warning("cache entry %s has the wrong size; removing it", etag)
         # Only the file: a download of the same etag in progress is not to blame.
         await self._discard(etag)
         return None
 
-    def _start(self, etag: str, size: int, fetch: FetchFunction) -> _Fetch:
+    def _start(self, etag: str, size: int, fetch: FetchFunction, name: tuple[str, str]) -> _Fetch:
         if self._task_group is None:
             msg = "the cache is not running: enter it with `async with` first"
             raise RuntimeError(msg)
-        final = self.path(etag)
-        temp = final.with_name(f".{final.name}.{secrets.token_hex(6)}{_TEMP_SUFFIX}")
-        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        entry = _Fetch(self, etag, size, fetch, fd, temp, final)
+        temp = AtomicFile(self.path(etag), sync_dir=False)
+        temp.open()
+        entry = _Fetch(self, etag, size, fetch, temp=temp, name=name)
         self._fetches[etag] = entry
         # The download belongs to the cache, not to the request that started it.
         self._task_group.start_soon(entry.run, name=f"fetch {etag}")
@@ -185,6 +250,7 @@ class BigPartCache:
             del self._fetches[entry.etag]
 
     async def __aenter__(self) -> Self:
+        await self.sweep()  # limits may have changed since the last run
         task_group = anyio.create_task_group()
         await task_group.__aenter__()
         self._task_group = task_group
@@ -209,32 +275,41 @@ class _CacheWriteError(StorageError):
 
 
 class _Fetch:
-    """One shared download of a big part into a temp file, published when complete."""
+    """One shared download of a big part, in parts, into a temp file published when complete.
 
-    def __init__(  # noqa: PLR0913, PLR0917 - one download's worth of state
+    The big part is cut into parts of ``part_size`` bytes, fetched by up to ``connections``
+    concurrent range requests and written at their offsets. Parts go in order, except that a
+    reader waiting for bytes moves their part to the front: an in-order reader gets the prefix
+    first, a range reader (a resume, one of aria2's eight connections) gets its own part next
+    rather than after everything before it. In-order scheduling with that one exception was
+    measured against per-reader windows and tail stealing on the WAN emulator (bench/wan.py):
+    with parts much smaller than the file, the slowest part holds back nothing but its own
+    bytes, and a stalled connection is dropped by the CDN client's stall timeout.
+    """
+
+    def __init__(  # noqa: PLR0913 - one download's worth of state, keyword-only
         self,
         cache: BigPartCache,
         etag: str,
         size: int,
         fetch: FetchFunction,
-        fd: int,
-        temp: Path,
-        final: Path,
+        *,
+        temp: AtomicFile,
+        name: tuple[str, str],
     ) -> None:
         self.cache = cache
+        self.name = name
         self.etag = etag
         self.size = size
         self.fetch = fetch
-        self.fd = fd
         self.temp = temp
-        self.final = final
-        self.received = 0
-        self.written = 0
-        # The recent bytes, as contiguous chunks: _offsets[i] is where _chunks[i] starts.
-        self._offsets: list[int] = []
-        self._chunks: list[bytes] = []
-        self._head = 0
-        self._kept = 0  # bytes in _chunks[_head:]
+        self.fd = temp.fd
+        part_size = cache.part_size
+        self._part_size = part_size
+        count = max(1, -(-size // part_size))
+        self._pending = collections.deque(range(count))
+        # Bytes written so far in each part, from its start: part i is done at its length.
+        self._written = [0] * count
         self.error: BaseException | None = None
         self.poisoned = False
         self.readers = 0
@@ -248,88 +323,72 @@ class _Fetch:
         try:
             with self._scope:
                 try:
-                    async with anyio.create_task_group() as tg:
-                        tg.start_soon(self._write_all)
-                        await self._receive_all()
-                    await anyio.to_thread.run_sync(os.fsync, self.fd)
-                    if not self.poisoned:
-                        await anyio.to_thread.run_sync(self.temp.replace, self.final)
-                        published = True
-                        await self._unpublish_if_poisoned()
+                    files, (folder, filename) = self.cache.files, self.name
+                    files.write_meta(self.fd, self.etag, folder, filename, cached=False)
+                    await self.cache.sweep(reserve=self.size)
+                    if self.size:
+                        async with anyio.create_task_group() as tg:
+                            for _ in range(min(self.cache.connections, len(self._written))):
+                                tg.start_soon(self._worker)
+                    await anyio.to_thread.run_sync(self.temp.publish)
+                    published = True
+                    files.write_meta(self.temp.target, self.etag, folder, filename, cached=True)
+                    await self._unpublish_if_poisoned()
                 except Exception as exc:  # noqa: BLE001 - stored for the readers, who raise it
                     self._fail(_leaf(exc))
         finally:
             self.cache._forget(self)  # noqa: SLF001 - the cache's own helper
-            os.close(self.fd)
-            if self.error is None and self.received < self.size:
+            if self.error is None and not published:
                 self.error = UpstreamError("download of the big part was cancelled")
             self._notify()
-            if not published:
-                with anyio.CancelScope(shield=True), contextlib.suppress(OSError):
-                    await _remove(self.temp)
+            with anyio.CancelScope(shield=True):
+                if not published:
+                    await anyio.to_thread.run_sync(self.temp.discard)
+                else:
+                    # A superseded version goes once the new one is complete; then the limits.
+                    await self.cache.sweep()
 
     async def _unpublish_if_poisoned(self) -> None:
-        # evict() may have run while the rename was in a thread: its unlink came too early.
+        # evict() may have run while the rename was in a thread: the entry is not to be used.
         if self.poisoned:
-            await _remove(self.final)
+            await _remove(self.temp.target)
 
-    async def _receive_all(self) -> None:
-        announced = 0
-        async with contextlib.aclosing(self.fetch(0, self.size)) as chunks:
+    async def _worker(self) -> None:
+        while self._pending:
+            await self._fetch_part(self._pending.popleft())
+
+    async def _fetch_part(self, index: int) -> None:
+        start = index * self._part_size
+        end = min(start + self._part_size, self.size)
+        position = start + self._written[index]
+        batch: list[bytes] = []
+        batched = 0
+        async with contextlib.aclosing(self.fetch(position, end)) as chunks:
             async for chunk in chunks:
-                if self.received + len(chunk) > self.size:
-                    msg = "the CDN sent more bytes than the big part has"
+                if position + batched + len(chunk) > end:
+                    msg = "the CDN sent more bytes than the part has"
                     raise UpstreamError(msg)
-                self._offsets.append(self.received)
-                self._chunks.append(chunk)
-                self._kept += len(chunk)
-                self.received += len(chunk)
-                if self.received - announced >= _ANNOUNCE:
-                    announced = self.received
-                    self._notify()
-                while self.received - self.written > _MAX_LAG:
-                    await self._wait()
-        self._notify()
-        if self.received != self.size:
-            msg = f"the CDN sent {self.received} of {self.size} bytes"
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= _WRITE_BATCH:
+                    position = await self._write(index, batch, position)
+                    batch, batched = [], 0
+        position = await self._write(index, batch, position)
+        if position != end:
+            msg = f"the CDN sent {position - start} of {end - start} bytes of part {index}"
             raise UpstreamError(msg)
 
-    async def _write_all(self) -> None:
-        while self.written < self.size:
-            if self.written == self.received:
-                await self._wait()
-                continue
-            index = bisect.bisect_right(self._offsets, self.written, lo=self._head) - 1
-            skip = self.written - self._offsets[index]
-            batch: list[memoryview] = []
-            total = 0
-            while index < len(self._chunks) and total < _WRITE_BATCH:
-                piece = memoryview(self._chunks[index])[skip:]
-                batch.append(piece)
-                total += len(piece)
-                skip = 0
-                index += 1
-            try:
-                n = await anyio.to_thread.run_sync(_pwritev, self.fd, batch, self.written)
-            except OSError as exc:
-                msg = f"cannot write the cache: {exc.strerror}"
-                raise _CacheWriteError(msg) from exc
-            self.written += n
-            self._trim()
-            self._notify()
-
-    def _trim(self) -> None:
-        # Keep recent bytes for readers just behind; drop only what is on disk.
-        while self._head < len(self._chunks) and self._kept > _KEEP:
-            end = self._offsets[self._head] + len(self._chunks[self._head])
-            if end > self.written:
-                break
-            self._kept -= len(self._chunks[self._head])
-            self._chunks[self._head] = b""  # free it now, the list is compacted later
-            self._head += 1
-        if self._head > 1024 and self._head * 2 > len(self._chunks):
-            del self._offsets[: self._head], self._chunks[: self._head]
-            self._head = 0
+    async def _write(self, index: int, batch: list[bytes], position: int) -> int:
+        if not batch:
+            return position
+        try:
+            n = await anyio.to_thread.run_sync(_pwritev, self.fd, batch, position)
+        except OSError as exc:
+            msg = f"cannot write the cache: {exc.strerror}"
+            raise _CacheWriteError(msg) from exc
+        self._written[index] += n
+        self._notify()
+        return position + n
 
     def _fail(self, exc: BaseException) -> None:
         self.error = exc
@@ -347,35 +406,38 @@ class _Fetch:
         self._changed.set()
         self._changed = anyio.Event()
 
-    async def _wait(self) -> None:
+    def prioritize(self, offset: int) -> None:
+        """Fetch the part that holds ``offset`` next, if it has not started."""
+        index = offset // self._part_size
+        if index in self._pending and self._pending[0] != index:
+            self._pending.remove(index)
+            self._pending.appendleft(index)
+
+    async def wait(self, offset: int) -> None:
+        """Wait for progress; the part that holds ``offset`` is fetched next if not started."""
+        self.prioritize(offset)
         await self._changed.wait()
+
+    def available(self, offset: int, length: int) -> int:
+        """How many bytes from ``offset`` on (at most ``length``) are written already."""
+        done = 0
+        while done < length:
+            index, skip = divmod(offset + done, self._part_size)
+            ready = self._written[index] - skip
+            if ready <= 0:
+                break
+            done += min(ready, length - done)
+            if skip + ready < self._part_size:
+                break  # this part is still being written
+        return done
 
     def attach(self) -> BigPartReader:
         self.readers += 1
         return _FetchReader(self, os.dup(self.fd))
 
     def detach(self) -> None:
+        # The download goes on without readers: what it fetched warms the cache.
         self.readers -= 1
-        if self.readers == 0 and self.received < self.size:
-            # Nobody wants the rest: stop, and let the task remove the temp file.
-            self.cancel()
-
-    def copy_from_memory(self, view: memoryview, position: int) -> int:
-        """Copy bytes at ``position`` from memory into ``view``; return how many (0 if none)."""
-        if not self._offsets or position >= self.received:
-            return 0
-        if self._head >= len(self._offsets) or position < self._offsets[self._head]:
-            return 0
-        index = bisect.bisect_right(self._offsets, position, lo=self._head) - 1
-        done = 0
-        while done < len(view) and index < len(self._chunks):
-            chunk = self._chunks[index]
-            skip = position + done - self._offsets[index]
-            n = min(len(chunk) - skip, len(view) - done)
-            view[done : done + n] = chunk[skip : skip + n]
-            done += n
-            index += 1
-        return done
 
 
 class _FileReader:
@@ -424,7 +486,7 @@ class _FileReader:
 
 
 class _FetchReader:
-    """Reads of an entry being downloaded: from memory, the temp file, or waiting."""
+    """Reads of an entry being downloaded: from the temp file once its bytes are written."""
 
     def __init__(self, fetch: _Fetch, fd: int) -> None:
         self.source = "download"
@@ -442,10 +504,7 @@ class _FetchReader:
         done = 0
         while done < len(view):
             position = offset + done
-            if n := fetch.copy_from_memory(view[done:], position):
-                done += n
-            elif position < fetch.written:
-                n = min(len(view) - done, fetch.written - position)
+            if n := fetch.available(position, len(view) - done):
                 try:
                     await read_exactly_at(fd, view[done : done + n], position)
                 except OSError as exc:
@@ -460,7 +519,7 @@ class _FetchReader:
                 msg = f"download of the big part failed: {fetch.error}"
                 raise UpstreamError(msg) from fetch.error
             else:
-                await fetch._wait()  # noqa: SLF001 - the reader is part of the download
+                await fetch.wait(position)
 
     async def _fall_back(self, reason: str, view: memoryview, offset: int) -> None:
         fetch = self._fetch
@@ -523,8 +582,15 @@ class _StreamReader:
             await stream.aclose()
 
 
-def _pwritev(fd: int, buffers: list[memoryview], offset: int) -> int:
-    return os.pwritev(fd, buffers, offset)
+def _pwritev(fd: int, buffers: list[bytes], offset: int) -> int:
+    """Write all of ``buffers`` at ``offset``; return how many bytes (all, or it raises)."""
+    total = sum(map(len, buffers))
+    done = os.pwritev(fd, buffers, offset)
+    if done < total:  # rare for a regular file: finish it in one piece
+        rest = memoryview(b"".join(buffers))
+        while done < total:
+            done += os.pwrite(fd, rest[done:], offset + done)
+    return total
 
 
 def _unlink(path: Path) -> None:

@@ -31,6 +31,12 @@ def _seal(args: argparse.Namespace) -> int:
     return seal_command(args)
 
 
+def _cache(args: argparse.Namespace) -> int:
+    from unlockd.cachedir import cache_command  # noqa: PLC0415
+
+    return cache_command(args)
+
+
 def _dev(args: argparse.Namespace) -> int:
     from unlockd.dev import dev_command  # noqa: PLC0415
 
@@ -84,6 +90,41 @@ def _add_hub_serve_flags(p: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="how long an unpublished upload is kept (UNLOCKD_HUB_UPLOAD_TTL, default 3600)",
     )
+    p.add_argument(
+        "--database",
+        metavar="URL",
+        help="postgresql://USER[:PASS]@HOST[:PORT]/DB or sqlite:///ABS/PATH "
+        "(UNLOCKD_HUB_DATABASE, default SQLite in the data dir)",
+    )
+    p.add_argument(
+        "--blobs",
+        metavar="URL",
+        help="s3://BUCKET[/PREFIX] (AWS_* variables) or a directory "
+        "(UNLOCKD_HUB_BLOBS, default DATA_DIR/blobs)",
+    )
+    p.add_argument(
+        "--presign-ttl",
+        type=int,
+        metavar="SECONDS",
+        help="validity of presigned S3 URLs (UNLOCKD_HUB_PRESIGN_TTL, default 3600)",
+    )
+
+
+def _add_cache_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser("cache", help="list or prune a model cache directory (offline)")
+    cache_sub = p.add_subparsers(dest="cache_command", metavar="SUBCOMMAND", required=True)
+    for name, text in (
+        ("list", "list the entries: resource, size, last use, etag"),
+        (
+            "prune",
+            "remove superseded versions, then least recently used entries beyond --max-bytes",
+        ),
+    ):
+        c = cache_sub.add_parser(name, help=text)
+        c.add_argument("--cache-dir", required=True, metavar="DIR", help="the cache directory")
+        if name == "prune":
+            c.add_argument("--max-bytes", type=int, metavar="N", help="keep at most N bytes")
+        c.set_defaults(func=_cache)
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -126,6 +167,30 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="TOKEN",
         help="require 'Authorization: Bearer TOKEN' locally (UNLOCKD_API_TOKEN)",
     )
+    p.add_argument(
+        "--cache-min-free",
+        metavar="BYTES|PERCENT",
+        help="free space to keep on the cache's filesystem, e.g. 5000000000 or 10%% "
+        "(UNLOCKD_CACHE_MIN_FREE, default 10%%); /ready is 503 below it",
+    )
+    p.add_argument(
+        "--cdn-connections",
+        type=int,
+        metavar="N",
+        help="concurrent range requests per big part (UNLOCKD_CDN_CONNECTIONS, default 8)",
+    )
+    p.add_argument(
+        "--cdn-part-size",
+        type=int,
+        metavar="BYTES",
+        help="size of each range request (UNLOCKD_CDN_PART_SIZE, default 8388608)",
+    )
+    p.add_argument(
+        "--cache-max-bytes",
+        type=int,
+        metavar="N",
+        help="evict least recently used entries beyond this size (UNLOCKD_CACHE_MAX_BYTES)",
+    )
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("hub", help="run the reference upstream (default 127.0.0.1:8700)")
@@ -141,6 +206,13 @@ def _build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="the hub's data directory (default: the hub's --data-dir, UNLOCKD_HUB_DATA_DIR, "
         "or ~/.local/share/unlockd/hub)",
+    )
+    add_user.add_argument(
+        "--database",
+        dest="user_database",
+        metavar="URL",
+        help="the hub's database (default: the hub's --database, UNLOCKD_HUB_DATABASE, "
+        "or SQLite in the data directory)",
     )
     add_user.add_argument("--email", required=True)
     add_user.add_argument("--role", choices=["reader", "publisher"], default="reader")
@@ -176,8 +248,17 @@ def _build_parser() -> argparse.ArgumentParser:
         p.add_argument("output", nargs="?", default="-", help="output file, - for stdout (default)")
         p.set_defaults(func=func)
 
+    _add_cache_parser(sub)
+
     p = sub.add_parser(
         "dev", help="hub + sidecar on loopback with a demo account, data in ./.unlockd-dev"
+    )
+    p.add_argument("--port", type=int, help="the sidecar's port (default 8600)")
+    p.add_argument("--hub-port", type=int, help="the hub's port (default 8700)")
+    p.add_argument(
+        "--demo-image",
+        metavar="NAME:TAG",
+        help="tag of the sealed demo image (default unlockd-demo:latest)",
     )
     p.set_defaults(func=_dev)
     return parser

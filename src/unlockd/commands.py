@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import anyio
 
 from unlockd.app import create_app
-from unlockd.config import Settings, http_url, read_password
+from unlockd.config import Limits, Settings, http_url, read_password
 from unlockd.errors import InvalidInputError
 from unlockd.models import validate_name
 from unlockd.progress import Progress
@@ -32,8 +32,9 @@ logger = logging.getLogger("unlockd")
 
 def serve_command(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:
     """Run the sidecar until interrupted; flags win over ``UNLOCKD_*`` variables."""
+    environ = os.environ if environ is None else environ
     settings = Settings.from_environ(
-        os.environ if environ is None else environ,
+        environ,
         host=args.host,
         port=args.port,
         upstream_url=args.upstream,
@@ -42,6 +43,10 @@ def serve_command(args: argparse.Namespace, environ: Mapping[str, str] | None = 
         archive=args.archive,
         archive_key_id=args.archive_key_id,
         api_token=args.api_token,
+        cache_min_free=args.cache_min_free,
+        cdn_connections=args.cdn_connections,
+        cdn_part_size=args.cdn_part_size,
+        cache_max_bytes=args.cache_max_bytes,
     )
     # A read-only cache still serves: downloads stream from the CDN and /ready says why.
     prepare_dir(
@@ -54,7 +59,8 @@ def serve_command(args: argparse.Namespace, environ: Mapping[str, str] | None = 
             "load models and upload with the stored credentials",
             settings.host,
         )
-    return run_servers([(create_app(settings), settings.host, settings.port)])
+    limits = Limits.from_environ(environ)
+    return run_servers([(create_app(settings), settings.host, settings.port)], limits=limits)
 
 
 def seal_command(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> int:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import getpass
 import ipaddress
 import os
+import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import urlsplit
 
 from unlockd.binary_split import DEFAULT_SMALL_SIZE, MIN_SMALL_SIZE
+from unlockd.blobs import DEFAULT_STALL_TIMEOUT
+from unlockd.cache import DEFAULT_CONNECTIONS, DEFAULT_PART_SIZE
 from unlockd.errors import InvalidInputError
 from unlockd.models import validate_name
 
@@ -35,17 +38,23 @@ if TYPE_CHECKING:
 __all__ = [
     "Cast",
     "Config",
+    "DiskSpace",
+    "Limits",
     "Setting",
     "Settings",
     "at_least",
+    "between",
     "default_cache_dir",
+    "disk_space",
     "http_url",
     "integer",
+    "limit_settings",
     "name",
     "path",
     "port_number",
     "read_password",
     "read_settings",
+    "seconds",
     "secret",
     "text",
     "validate_settings",
@@ -182,6 +191,15 @@ def integer(key: str, value: object, minimum: int, maximum: int | None = None) -
     return number
 
 
+def between(minimum: int, maximum: int) -> Cast[int]:
+    """A cast to an integer from ``minimum`` to ``maximum``."""
+
+    def cast(key: str, value: object) -> int:
+        return integer(key, value, minimum, maximum)
+
+    return cast
+
+
 def at_least(minimum: int) -> Cast[int]:
     """A cast to an integer ``>= minimum``."""
 
@@ -189,6 +207,59 @@ def at_least(minimum: int) -> Cast[int]:
         return integer(key, value, minimum)
 
     return cast
+
+
+def seconds(key: str, value: object) -> float:
+    """A positive duration in seconds (a float)."""
+    try:
+        number = float(str(value).strip())
+    except ValueError:
+        number = float("nan")
+    if not 0 < number < float("inf") or isinstance(value, bool):
+        msg = f"{key}: expected a positive number of seconds, got {value!r}"
+        raise InvalidInputError(msg)
+    return number
+
+
+def disk_space(key: str, value: object) -> DiskSpace:
+    """A byte count (``1000000000``) or a percentage of a filesystem (``10%``)."""
+    if isinstance(value, DiskSpace):
+        return value
+    raw = str(value).strip()
+    if isinstance(value, bool) or not (match := _DISK_SPACE.fullmatch(raw)):
+        msg = f"{key}: expected a byte count or a percentage such as 10%, got {value!r}"
+        raise InvalidInputError(msg)
+    if match["percent"]:
+        percent = float(match["number"])
+        if percent > 100:
+            msg = f"{key}: a percentage must be at most 100%, got {raw}"
+            raise InvalidInputError(msg)
+        return DiskSpace(percent=percent)
+    if "." in match["number"]:
+        msg = f"{key}: a byte count must be a whole number, got {raw}"
+        raise InvalidInputError(msg)
+    return DiskSpace(size=int(match["number"]))
+
+
+# Digits bounded: a byte count fits in 20 of them, and int() of thousands of digits is slow.
+_DISK_SPACE = re.compile(r"(?P<number>\d{1,20}(?:\.\d{1,6})?)\s*(?P<percent>%?)", re.ASCII)
+
+
+@dataclass(frozen=True, slots=True)
+class DiskSpace:
+    """An amount of disk space: ``size`` bytes, or ``percent`` of the filesystem's size."""
+
+    size: int | None = None
+    percent: float | None = None
+
+    def bytes_of(self, total: int) -> int:
+        """The amount in bytes on a filesystem of ``total`` bytes."""
+        if self.percent is not None:
+            return int(total * self.percent / 100)
+        return self.size or 0
+
+    def __str__(self) -> str:
+        return f"{self.percent:g}%" if self.percent is not None else f"{self.size} bytes"
 
 
 def port_number(key: str, value: object) -> int:
@@ -254,6 +325,12 @@ class Settings:
     max_upload: int | None = None
     small_size: int = DEFAULT_SMALL_SIZE
     docker_host: str | None = None
+    # Also the free space that cache eviction keeps (SPEC §12); /ready checks it.
+    cache_min_free: DiskSpace = DiskSpace(percent=10)
+    cdn_connections: int = DEFAULT_CONNECTIONS
+    cdn_part_size: int = DEFAULT_PART_SIZE
+    cdn_stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    cache_max_bytes: int | None = None
 
     def __post_init__(self) -> None:
         validate_settings(self, _SIDECAR)
@@ -293,7 +370,62 @@ _SIDECAR = {
     # The small part must hold at least the ciphertext header.
     "small_size": Setting("UNLOCKD_SMALL_SIZE", at_least(MIN_SMALL_SIZE)),
     "docker_host": Setting("DOCKER_HOST", text),
+    "cache_min_free": Setting("UNLOCKD_CACHE_MIN_FREE", disk_space),
+    "cdn_connections": Setting("UNLOCKD_CDN_CONNECTIONS", between(1, 64), "--cdn-connections"),
+    # Parts much smaller than this cost a request each; the cache writes them in 1 MiB batches.
+    "cdn_part_size": Setting("UNLOCKD_CDN_PART_SIZE", at_least(1 << 20), "--cdn-part-size"),
+    "cdn_stall_timeout": Setting("UNLOCKD_CDN_STALL_TIMEOUT", seconds),
+    "cache_max_bytes": Setting("UNLOCKD_CACHE_MAX_BYTES", at_least(0), "--cache-max-bytes"),
 }
+
+
+# -- limits of an HTTP server (the sidecar's and the hub's) ---------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What one client may cost a server (SPEC §12); the defaults are the spec's.
+
+    Read with :meth:`from_environ`: ``UNLOCKD_MAX_CONNECTIONS`` for the sidecar,
+    ``UNLOCKD_HUB_MAX_CONNECTIONS`` for the hub, and so on (:data:`LIMIT_VARIABLES`).
+    """
+
+    max_header_bytes: int = 64 * 1024
+    header_timeout: float = 10.0
+    max_connections: int = 1000
+    max_json_bytes: int = 64 * 1024
+    max_json_depth: int = 32
+    send_timeout: float = 60.0
+    send_buffer_budget: int = 256 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        validate_settings(self, limit_settings("UNLOCKD_"))
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str], prefix: str = "UNLOCKD_") -> Limits:
+        """Read the limits from ``{prefix}MAX_HEADER_BYTES`` and the like; unset ones default."""
+        return cls(**read_settings(environ, limit_settings(prefix), {}))
+
+
+# Field -> variable suffix and cast. The floors keep a typo from making a server unusable:
+# a request line and a few headers need a KiB, a JSON login body a few hundred bytes.
+LIMIT_VARIABLES: dict[str, tuple[str, Cast[Any]]] = {
+    "max_header_bytes": ("MAX_HEADER_BYTES", at_least(1024)),
+    "header_timeout": ("HEADER_TIMEOUT", seconds),
+    "max_connections": ("MAX_CONNECTIONS", at_least(1)),
+    "max_json_bytes": ("MAX_JSON_BYTES", at_least(1024)),
+    "max_json_depth": ("MAX_JSON_DEPTH", at_least(2)),
+    "send_timeout": ("SEND_TIMEOUT", seconds),
+    "send_buffer_budget": ("SEND_BUFFER_BUDGET", at_least(1 << 20)),
+}
+
+
+def limit_settings(prefix: str) -> dict[str, Setting]:
+    """The settings table of :class:`Limits` with variables named ``{prefix}{suffix}``."""
+    return {
+        field: Setting(f"{prefix}{suffix}", cast)
+        for field, (suffix, cast) in LIMIT_VARIABLES.items()
+    }
 
 
 # -- passwords ----------------------------------------------------------------------------

@@ -57,9 +57,9 @@ def build_image_archive(images: Mapping[str, Mapping[str, bytes]]) -> bytes:
     return out.getvalue()
 
 
-def demo_image_archive() -> bytes:
-    """The dev stack's demo image: one file, ``/hello.txt``."""
-    return build_image_archive({DEMO_IMAGE: {"hello.txt": b"unlocked by unlockd\n"}})
+def demo_image_archive(tag: str = DEMO_IMAGE) -> bytes:
+    """The dev stack's demo image, tagged ``tag``: one file, ``/hello.txt``."""
+    return build_image_archive({tag: {"hello.txt": b"unlocked by unlockd\n"}})
 
 
 def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:

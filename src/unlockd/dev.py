@@ -11,8 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from unlockd.app import create_app
-from unlockd.config import Settings
-from unlockd.demo import demo_image_archive
+from unlockd.config import Config, Settings, port_number, text
+from unlockd.demo import DEMO_IMAGE, demo_image_archive
 from unlockd.errors import UnlockdError
 from unlockd.files import AtomicFile
 from unlockd.hub import HubSettings, add_user, create_hub_app
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     import argparse
     from collections.abc import AsyncIterator
 
-__all__ = ["DEMO_EMAIL", "DEV_DIR", "dev_command"]
+__all__ = ["DEMO_EMAIL", "DEV_DIR", "DEV_HUB_PORT", "DEV_SIDECAR_PORT", "dev_command"]
 
 DEMO_EMAIL = "demo@example.com"
 DEV_DIR = Path(".unlockd-dev")
@@ -33,26 +33,31 @@ DEV_ARCHIVE_KEY_ID = "images"
 logger = logging.getLogger("unlockd")
 
 
-def dev_command(args: argparse.Namespace) -> int:  # noqa: ARG001 - `unlockd dev` has no flags
+def dev_command(args: argparse.Namespace) -> int:
     """Run hub and sidecar on loopback with a demo publisher account; data in ./.unlockd-dev.
 
-    Both use their own fixed settings: ``UNLOCKD_*`` variables (meant for ``serve`` and
+    Both use their own fixed settings but for the ports (``--port``, ``--hub-port``) and the
+    demo image's tag (``--demo-image``): ``UNLOCKD_*`` variables (meant for ``serve`` and
     ``hub``) would break the printed session, e.g. an API token the banner's curls lack.
     Only ``DOCKER_HOST`` is honoured, for unlocking into the engine.
     """
+    flags = Config({}, {"--port": args.port, "--hub-port": args.hub_port})
+    sidecar_port = flags("", port_number, DEV_SIDECAR_PORT, flag="--port")
+    hub_port = flags("", port_number, DEV_HUB_PORT, flag="--hub-port")
+    demo_image = text("--demo-image", args.demo_image or DEMO_IMAGE)
     base = DEV_DIR.resolve()
     hub_dir, cache_dir, archive = base / "hub", base / "cache", base / "images.enc"
     for directory in (hub_dir, cache_dir):
         prepare_dir(directory, "the dev stack's data dir")
     password = _demo_password(base / "demo-password")
     add_user(hub_dir, DEMO_EMAIL, password, role="publisher")
-    upstream = f"http://127.0.0.1:{DEV_HUB_PORT}"
-    hub = create_hub_app(HubSettings(data_dir=hub_dir, host="127.0.0.1", port=DEV_HUB_PORT))
+    upstream = f"http://127.0.0.1:{hub_port}"
+    hub = create_hub_app(HubSettings(data_dir=hub_dir, host="127.0.0.1", port=hub_port))
     sidecar = create_app(
         Settings.from_environ(
             {k: v for k, v in os.environ.items() if k == "DOCKER_HOST"},
             host="127.0.0.1",
-            port=DEV_SIDECAR_PORT,
+            port=sidecar_port,
             upstream_url=upstream,
             cache_dir=cache_dir,
             archive=archive,
@@ -63,17 +68,16 @@ def dev_command(args: argparse.Namespace) -> int:  # noqa: ARG001 - `unlockd dev
 
     async def setup() -> None:
         try:
-            await _seal_demo_archive(archive, upstream, password)
+            await _seal_demo_archive(archive, upstream, password, demo_image)
         except UnlockdError as exc:
             logger.warning("could not seal the demo image archive: %s", exc.message)
-        print(_dev_banner(base, upstream, password), flush=True)  # noqa: T201
+        sidecar_url = f"http://127.0.0.1:{sidecar_port}"
+        print(_dev_banner(base, upstream, sidecar_url, password, demo_image), flush=True)  # noqa: T201
 
-    return run_servers(
-        [(hub, "127.0.0.1", DEV_HUB_PORT), (sidecar, "127.0.0.1", DEV_SIDECAR_PORT)], setup
-    )
+    return run_servers([(hub, "127.0.0.1", hub_port), (sidecar, "127.0.0.1", sidecar_port)], setup)
 
 
-async def _seal_demo_archive(archive: Path, upstream: str, password: str) -> None:
+async def _seal_demo_archive(archive: Path, upstream: str, password: str, image: str) -> None:
     """Seal the demo image into ``archive``, its key registered at the dev hub.
 
     Sealed anew at every start, so the archive and the hub's key always belong together;
@@ -81,7 +85,7 @@ async def _seal_demo_archive(archive: Path, upstream: str, password: str) -> Non
     """
 
     async def plaintext() -> AsyncIterator[bytes]:
-        yield demo_image_archive()
+        yield demo_image_archive(image)
 
     await seal(
         plaintext(),
@@ -104,8 +108,7 @@ def _demo_password(path: Path) -> str:
     return password
 
 
-def _dev_banner(base: Path, upstream: str, password: str) -> str:
-    sidecar = f"http://127.0.0.1:{DEV_SIDECAR_PORT}"
+def _dev_banner(base: Path, upstream: str, sidecar: str, password: str, image: str) -> str:
     login = shlex.quote(f'{{"email": "{DEMO_EMAIL}", "password": "{password}"}}')
     lines = [
         "unlockd dev stack",
@@ -113,7 +116,8 @@ def _dev_banner(base: Path, upstream: str, password: str) -> str:
         f"  sidecar          {sidecar}   cache in {base / 'cache'}",
         f"  demo publisher   {DEMO_EMAIL} / {password}   (kept in {base / 'demo-password'})",
         "",
-        "Try it (another terminal):",
+        "Try it (another terminal; the session's files go to a scratch directory):",
+        '  cd "$(mktemp -d)"',
         f"  curl -s {sidecar}/login -H 'Content-Type: application/json' -d {login}",
         "  head -c 50000000 /dev/urandom > model.bin",
         f"  curl -s -F folder=models -F data=@model.bin {sidecar}/upload/model.bin",
@@ -125,7 +129,7 @@ def _dev_banner(base: Path, upstream: str, password: str) -> str:
         "",
         f"Unlock the demo image archive {base / 'images.enc'} into Docker (DOCKER_HOST):",
         f"  curl -s -X POST {sidecar}/unlock -H 'Content-Type: application/json' -d {login}",
-        f"  curl -s {sidecar}/unlock/status   # until state is ready: images [unlockd-demo:latest]",
+        f"  curl -s {sidecar}/unlock/status   # until state is ready: images [{image}]",
         "",
         "Ctrl-C stops both.",
     ]

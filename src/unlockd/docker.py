@@ -74,7 +74,7 @@ class DockerLoader:
         images: list[str] = []
         try:
             with self._map_errors("Docker rejected the archive"):
-                stream = self._docker().images.import_image(body, stream=True)
+                stream = self._import(body)
                 async for item in stream:
                     images.extend(_loaded_images(item))
         except DockerError:
@@ -85,6 +85,20 @@ class DockerLoader:
         if body.failure is not None:
             raise body.failure
         return images
+
+    def _import(self, body: StreamedBody) -> AsyncIterator[Any]:
+        # aiodocker's import_image cannot ask for quiet=1, which `docker load` uses when its
+        # output is not a terminal: without it the engine streams a progress message per
+        # layer chunk, which we would parse for nothing.
+        docker = self._docker()
+        response = docker._query_chunked_post(  # noqa: SLF001 - see above
+            "images/load",
+            params={"quiet": "1"},
+            data=body,
+            headers={"Content-Type": "application/x-tar"},
+            timeout=aiohttp.ClientTimeout(total=None),
+        )
+        return docker.images._handle_stream(response)  # type: ignore[no-untyped-call,no-any-return]  # noqa: SLF001
 
     async def export(self, names: list[str]) -> AsyncIterator[bytes]:
         """Stream one ``docker save`` archive of the images ``names`` (``GET /images/get``)."""

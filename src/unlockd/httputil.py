@@ -24,9 +24,24 @@ if TYPE_CHECKING:
     from starlette.requests import Request
     from starlette.responses import Response
 
-__all__ = ["if_range_allows", "json_exception_handlers", "parse_range", "read_json_object"]
+__all__ = [
+    "LIMITS_SCOPE_KEY",
+    "MAX_DIGITS",
+    "if_range_allows",
+    "json_exception_handlers",
+    "parse_range",
+    "read_json_object",
+]
 
 _SPEC = re.compile(r"(\d*)-(\d*)", re.ASCII)
+# 20 digits hold any 64-bit number. Python refuses int() of more than 4300 digits with a
+# ValueError, and is quadratic below that: a longer number is refused before int() sees it.
+MAX_DIGITS = 20
+# The server (unlockd.limits) puts its Limits into each request's scope under this key.
+LIMITS_SCOPE_KEY = "unlockd.limits"
+_DEFAULT_JSON_DEPTH = 32
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
 
 
 def parse_range(header: str | None, size: int) -> tuple[int, int] | None:  # noqa: PLR0911 - one return per RFC 9110 case
@@ -45,6 +60,10 @@ def parse_range(header: str | None, size: int) -> tuple[int, int] | None:  # noq
     if len(specs) != 1 or not (match := _SPEC.fullmatch(specs[0])):
         return None
     first, last = match.groups()
+    if len(first) > MAX_DIGITS or len(last) > MAX_DIGITS:
+        # No representation has a byte past 20 digits: the range cannot be satisfied.
+        msg = f"a range position longer than {MAX_DIGITS} digits"
+        raise RangeNotSatisfiableError(msg, size)
     if not first:
         if not last:
             return None
@@ -76,9 +95,22 @@ def if_range_allows(header: str | None, etag: str) -> bool:
 async def read_json_object(
     request: Request, limit: int, *, required: bool = True
 ) -> dict[str, Any]:
-    """Read a JSON object body of at most ``limit`` bytes; an empty body is {} unless required."""
+    """Read a JSON object body of at most ``limit`` bytes; an empty body is {} unless required.
+
+    The server's limits (in the scope, see :mod:`unlockd.limits`) may lower ``limit`` and
+    bound the nesting depth; numbers longer than :data:`MAX_DIGITS` digits are refused.
+    Too large is PayloadTooLargeError (413), anything else InvalidInputError (422).
+    """
+    limits = request.scope.get(LIMITS_SCOPE_KEY)
+    depth = _DEFAULT_JSON_DEPTH
+    if limits is not None:
+        limit, depth = min(limit, limits.max_json_bytes), limits.max_json_depth
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    if (
+        length is not None
+        and length.isdigit()
+        and (len(length) > MAX_DIGITS or int(length) > limit)
+    ):
         _too_large(limit)
     body = bytearray()
     async for chunk in request.stream():
@@ -87,8 +119,9 @@ async def read_json_object(
             _too_large(limit)
     if not required and not body.strip():
         return {}
+    _check_depth(body, depth)
     try:
-        value = json.loads(body)
+        value = json.loads(body, parse_int=_json_int, parse_float=_json_float)
     except (UnicodeDecodeError, json.JSONDecodeError):
         msg = "the body is not valid JSON"
         raise InvalidInputError(msg) from None
@@ -96,6 +129,34 @@ async def read_json_object(
         msg = "the body must be a JSON object"
         raise InvalidInputError(msg)
     return value
+
+
+def _check_depth(body: bytes | bytearray, limit: int) -> None:
+    # json.loads recurses once per level: 30,000 levels is a RecursionError (a 500). Counted
+    # on the raw bytes with strings blanked out, so brackets inside strings do not count.
+    depth = 0
+    for bracket in _JSON_BRACKET.findall(_JSON_STRING.sub(b'""', body)):
+        depth += 1 if bracket in b"[{" else -1
+        if depth > limit:
+            msg = f"the JSON body is nested deeper than {limit} levels"
+            raise InvalidInputError(msg)
+
+
+def _json_int(literal: str) -> int:
+    if len(literal.lstrip("-")) > MAX_DIGITS:
+        msg = f"a number in the JSON body is longer than {MAX_DIGITS} digits"
+        raise InvalidInputError(msg)
+    return int(literal)
+
+
+def _json_float(literal: str) -> float:
+    # Leading zeros are not significant: 0.000001234 is as precise as 1.234e-6.
+    mantissa, _, exponent = literal.lower().partition("e")
+    digits = mantissa.lstrip("-").replace(".", "").lstrip("0")
+    if len(digits) > MAX_DIGITS or len(exponent.lstrip("+-")) > MAX_DIGITS:
+        msg = f"a number in the JSON body is longer than {MAX_DIGITS} digits"
+        raise InvalidInputError(msg)
+    return float(literal)
 
 
 def _too_large(limit: int) -> None:

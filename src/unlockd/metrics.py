@@ -43,6 +43,11 @@ class Metrics:
             "Downloads aborted because a segment failed authentication",
             registry=r,
         )
+        self.offline_loads = Counter(
+            "unlockd_offline_loads",
+            "Loads served from the cache with remembered metadata, the upstream being away",
+            registry=r,
+        )
         self.active_transfers = Gauge(
             "unlockd_active_transfers", "Downloads and uploads in progress", registry=r
         )

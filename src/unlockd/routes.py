@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -13,17 +14,21 @@ from starlette.routing import Route
 from unlockd.errors import (
     CiphertextError,
     InvalidInputError,
+    NotFoundError,
     UnlockdError,
     UpstreamError,
 )
 from unlockd.httputil import if_range_allows, parse_range, read_json_object
 from unlockd.models import validate_name
 from unlockd.multipart import MultipartReader, Part
+from unlockd.openapi import SIDECAR_DOCUMENT, openapi_endpoint
+from unlockd.page import operator_page
 
 if TYPE_CHECKING:
     from starlette.types import Receive, Scope, Send
 
     from unlockd.api_client import ResourceInfo
+    from unlockd.config import Settings
     from unlockd.transfers import Download
 
 __all__ = ["MAX_JSON_BODY", "routes"]
@@ -41,11 +46,13 @@ async def health(request: Request) -> JSONResponse:  # noqa: ARG001 - the endpoi
 
 
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: the cache directory is writable and the upstream answers."""
+    """Readiness: the cache directory is writable, has free space, and the upstream answers."""
     state = request.app.state
     reasons = []
     if not await anyio.to_thread.run_sync(state.cache.writable):
         reasons.append(f"model cache dir {state.settings.cache_dir} is not writable")
+    if (short := await anyio.to_thread.run_sync(_free_space_shortfall, state.settings)) is not None:
+        reasons.append(short)
     try:
         with anyio.fail_after(READY_UPSTREAM_TIMEOUT):
             await state.api.check_upstream()
@@ -56,6 +63,21 @@ async def ready(request: Request) -> JSONResponse:
     if reasons:
         return JSONResponse({"detail": "not ready", "reasons": reasons}, status_code=503)
     return JSONResponse({"status": "ready"})
+
+
+def _free_space_shortfall(settings: Settings) -> str | None:
+    """Why the cache's filesystem has too little free space for ``--cache-min-free``, or None."""
+    try:
+        usage = shutil.disk_usage(settings.cache_dir)
+    except OSError as exc:
+        return f"model cache dir {settings.cache_dir}: {exc.strerror or exc}"
+    wanted = settings.cache_min_free.bytes_of(usage.total)
+    if usage.free >= wanted:
+        return None
+    return (
+        f"model cache filesystem has {usage.free} bytes free, less than --cache-min-free "
+        f"({settings.cache_min_free}: {wanted} bytes)"
+    )
 
 
 async def status(request: Request) -> JSONResponse:
@@ -182,6 +204,32 @@ async def metrics(request: Request) -> Response:
     return Response(body, headers={"Content-Type": content_type})
 
 
+async def cache_list(request: Request) -> JSONResponse:
+    """The cached entries (and downloads in progress) with their resources' names."""
+    entries = await request.app.state.cache.entries()
+    return JSONResponse({"entries": [entry.to_json() for entry in entries]})
+
+
+async def cache_drop(request: Request) -> Response:
+    """Remove the cached versions of one resource (409 while one is in use)."""
+    folder = validate_name(request.path_params["folder"], "folder")
+    filename = validate_name(request.path_params["filename"], "filename")
+    if not await request.app.state.cache.drop(folder, filename):
+        msg = f"{folder}/{filename} is not cached"
+        raise NotFoundError(msg)
+    return Response(status_code=204)
+
+
+async def pull(request: Request) -> JSONResponse:
+    """POST starts a background fetch into the cache (or joins it); GET shows its state."""
+    folder = validate_name(request.path_params["folder"], "folder")
+    filename = validate_name(request.path_params["filename"], "filename")
+    pulls = request.app.state.pulls
+    if request.method == "POST":
+        return JSONResponse(pulls.start(folder, filename).to_json(), status_code=202)
+    return JSONResponse(pulls.get(folder, filename).to_json())
+
+
 class DownloadResponse(StreamingResponse):
     """Streams a :class:`Download`; always closes it, and aborts on a failed segment.
 
@@ -254,6 +302,8 @@ def _credentials(body: dict[str, Any]) -> tuple[str, str]:
 
 
 routes = [
+    Route("/", operator_page, methods=["GET"]),
+    Route("/openapi.json", openapi_endpoint(SIDECAR_DOCUMENT), methods=["GET"]),
     Route("/health", health, methods=["GET"]),
     Route("/ready", ready, methods=["GET"]),
     Route("/status", status, methods=["GET"]),
@@ -264,4 +314,7 @@ routes = [
     Route("/unlock", unlock, methods=["POST"]),
     Route("/unlock/status", unlock_status, methods=["GET"]),
     Route("/metrics", metrics, methods=["GET"]),
+    Route("/cache", cache_list, methods=["GET"]),
+    Route("/cache/{folder}/{filename}", cache_drop, methods=["DELETE"]),
+    Route("/pull/{folder}/{filename}", pull, methods=["GET", "POST"]),
 ]

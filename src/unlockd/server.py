@@ -1,7 +1,8 @@
 """Run ASGI apps as a process: uvicorn servers together, signals, logging, data dirs.
 
 ``unlockd serve``, ``unlockd hub`` and ``unlockd dev`` all run through :func:`run_servers`:
-one-line startup errors, exit 0 on SIGINT and SIGTERM, one server failing stops the others.
+one-line startup errors, exit 0 on SIGINT and SIGTERM, one server failing stops the others,
+and every server under the limits of SPEC §12 (:mod:`unlockd.limits`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import logging
 import os
 import signal
 import sys
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import uvicorn
 
+from unlockd.config import Limits
 from unlockd.errors import InvalidInputError
+from unlockd.limits import SendBudget, protocol_class
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
 
     from starlette.types import ASGIApp
 
-__all__ = ["configure_logging", "prepare_dir", "run_servers"]
+__all__ = ["configure_logging", "limit_options", "prepare_dir", "run_servers"]
 
 logger = logging.getLogger("unlockd")
 
@@ -42,19 +45,30 @@ def prepare_dir(path: Path, what: str, *, writable: bool = True) -> None:
         raise InvalidInputError(msg)
 
 
-def _config(app: ASGIApp, host: str, port: int, *, access_log: bool) -> uvicorn.Config:
-    # "auto" picks uvloop and httptools when they are installed (uvicorn[standard]).
+def limit_options(limits: Limits, budget: SendBudget | None = None) -> dict[str, Any]:
+    """uvicorn.Config options that put a server under ``limits`` (``budget``: shared)."""
+    budget = SendBudget(limits.send_buffer_budget) if budget is None else budget
+    # The protocol counts connections itself: uvicorn's limit_concurrency would also count
+    # requests in flight, and answer in plain text.
+    return {"http": protocol_class(limits, budget), "ws": "none", "limit_concurrency": None}
+
+
+def _config(
+    app: ASGIApp, host: str, port: int, *, access_log: bool, options: dict[str, Any]
+) -> uvicorn.Config:
+    # "auto" picks uvloop when it is installed (uvicorn[standard]); the HTTP protocol is
+    # httptools' with our limits.
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         loop="auto",
-        http="auto",
         lifespan="on",
         log_level="info",
         access_log=access_log,
         # A multi-GiB download must not hold a shutdown (or a redeploy) forever.
         timeout_graceful_shutdown=10,
+        **options,
     )
 
 
@@ -72,15 +86,22 @@ def run_servers(
     setup: Callable[[], Awaitable[None]] | None = None,
     *,
     access_log: bool = False,
+    limits: Limits | None = None,
 ) -> int:
     """Serve each ``(app, host, port)`` under uvicorn until SIGINT or SIGTERM; return the status.
 
     A signal is a clean shutdown (0), as container runtimes expect; a server that cannot start
     (a busy port, a failing lifespan) has logged why and stops the others: 1. ``setup`` runs
     once every server is up. The access log is off by default: one line per request would
-    drown the interesting ones.
+    drown the interesting ones. Every server is under ``limits`` (default: SPEC §12's), with
+    one memory budget for the process.
     """
-    servers = [_Server(_config(app, host, port, access_log=access_log)) for app, host, port in apps]
+    limits = Limits() if limits is None else limits
+    options = limit_options(limits, SendBudget(limits.send_buffer_budget))
+    servers = [
+        _Server(_config(app, host, port, access_log=access_log, options=options))
+        for app, host, port in apps
+    ]
     with asyncio.Runner(loop_factory=servers[0].config.get_loop_factory()) as runner:
         runner.run(_serve_together(servers, setup))
     return 1 if any(server.failed for server in servers) else 0

@@ -25,16 +25,25 @@ from unlockd.crypto_stream import (
 )
 from unlockd.errors import (
     CiphertextError,
+    ForbiddenError,
+    InvalidUpstreamDataError,
     RangeNotSatisfiableError,
     UnlockdError,
+    UpstreamError,
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
+    from collections.abc import (
+        AsyncGenerator,
+        AsyncIterable,
+        AsyncIterator,
+        Awaitable,
+        Callable,
+    )
 
     from unlockd.api_client import ApiClient, ResourceInfo
     from unlockd.blobs import BlobClient
-    from unlockd.cache import BigPartCache, BigPartReader
+    from unlockd.cache import BigPartCache, BigPartReader, FetchFunction
     from unlockd.metrics import Metrics
 
 __all__ = ["Download", "Transfers"]
@@ -43,6 +52,26 @@ logger = logging.getLogger(__name__)
 
 _ABANDON_TIMEOUT = 30.0
 _LAYOUT = SegmentLayout()
+
+
+class _BufferPool:
+    """Segment-sized buffers lent to downloads only while they read and decrypt a segment.
+
+    A download waiting on a slow client holds none: memory for stalled clients is then only
+    the plaintext queued to them, which the server's send budget bounds.
+    """
+
+    def __init__(self, size: int, keep: int = 8) -> None:
+        self._size = size
+        self._keep = keep
+        self._free: list[memoryview] = []
+
+    def get(self) -> memoryview:
+        return self._free.pop() if self._free else memoryview(bytearray(self._size))
+
+    def put(self, buffer: memoryview) -> None:
+        if len(self._free) < self._keep:
+            self._free.append(buffer)
 
 
 class _Segments:
@@ -54,6 +83,7 @@ class _Segments:
         reader: BigPartReader | None,
         index: int,
         layout: SegmentLayout,
+        buffers: _BufferPool,
     ) -> None:
         self._small = resource.small
         self._size = resource.ciphertext_size
@@ -63,7 +93,7 @@ class _Segments:
         self._reader = reader
         self._layout = layout
         self._last = layout.segment_count(self._size) - 1
-        self._buffer = memoryview(bytearray(layout.segment_size))
+        self._buffers = buffers
         self.index = index
 
     @property
@@ -75,18 +105,22 @@ class _Segments:
         """Read, authenticate and decrypt the next segment; return all its plaintext."""
         index = self.index
         start, end = self._layout.segment_bounds(index, self._size)
-        view = self._buffer[: end - start]
-        small = self._small
-        if start < len(small):
-            n = min(end, len(small)) - start
-            view[:n] = small[start : start + n]
-        if end > len(small):
-            assert self._reader is not None
-            big_start = max(start, len(small))
-            await self._reader.readinto(view[big_start - start :], big_start - len(small))
-        # A fresh bytes per segment, not open_into a reused buffer: the server may still hold
-        # this chunk when the next segment is decrypted (docs/performance.md).
-        plaintext = self._cipher.open(index, index == self._last, view)
+        buffer = self._buffers.get()
+        try:
+            view = buffer[: end - start]
+            small = self._small
+            if start < len(small):
+                n = min(end, len(small)) - start
+                view[:n] = small[start : start + n]
+            if end > len(small):
+                assert self._reader is not None
+                big_start = max(start, len(small))
+                await self._reader.readinto(view[big_start - start :], big_start - len(small))
+            # A fresh bytes per segment, not open_into a reused buffer: the server may still hold
+            # this chunk when the next segment is decrypted (docs/performance.md).
+            plaintext = self._cipher.open(index, index == self._last, view)
+        finally:
+            self._buffers.put(buffer)
         self.index += 1
         return plaintext
 
@@ -185,10 +219,34 @@ class Transfers:
         self.blobs = blobs
         self.metrics = metrics
         self.small_size = check_small_size(small_size)
+        self._buffers = _BufferPool(_LAYOUT.segment_size)
+        # Metadata of the resources served so far, for when the upstream is away.
+        self._seen: dict[tuple[str, str], ResourceInfo] = {}
 
     async def stat(self, folder: str, name: str) -> ResourceInfo:
-        """Return the metadata of ``folder/name`` (``plaintext_size`` is its size)."""
-        return await self.api.get_resource(folder, name)
+        """Return the metadata of ``folder/name`` (``plaintext_size`` is its size).
+
+        When the upstream is unreachable (no connection, a timeout, a 5xx), the metadata last
+        seen for a resource whose big part is cached is used instead: a device keeps serving
+        the models it has. Only for the life of the process: nothing is written to disk.
+        """
+        try:
+            info = await self.api.get_resource(folder, name)
+        except UpstreamError as exc:
+            if isinstance(exc, InvalidUpstreamDataError):
+                raise
+            known = self._seen.get((folder, name))
+            if known is None or not await anyio.to_thread.run_sync(
+                self.cache.path(known.etag).exists
+            ):
+                raise
+            logger.warning(
+                "upstream unreachable (%s); serving %s/%s from the cache", exc, folder, name
+            )
+            self.metrics.offline_loads.inc()
+            return known
+        self._seen[(folder, name)] = info
+        return info
 
     async def open_download(
         self,
@@ -204,7 +262,7 @@ class Transfers:
         RangeNotSatisfiableError when it does not lie within the resource. The range's first
         segment is authenticated before this returns.
         """
-        info = resource if resource is not None else await self.api.get_resource(folder, name)
+        info = resource if resource is not None else await self.stat(folder, name)
         start, end = _check_range(byte_range, info.plaintext_size)
         if start == end:
             first = last = 0  # an empty resource: still authenticate its one (empty) segment
@@ -212,7 +270,8 @@ class Transfers:
             span = _LAYOUT.range(start, end, info.ciphertext_size)
             first, last = span.first_segment, span.last_segment
         for attempt in (1, 2):
-            segments = _Segments(info, await self._open_big_part(info, first, last), first, _LAYOUT)
+            reader = await self._open_big_part(info, first, last)
+            segments = _Segments(info, reader, first, _LAYOUT, self._buffers)
             try:
                 plaintext = await segments.next()
             except CiphertextError:
@@ -221,8 +280,10 @@ class Transfers:
                 if attempt == 1 and source == "cache":
                     # A damaged entry (a crash, a bad disk), or a wrong key or small part:
                     # drop the entry and try the CDN's copy.
+                    self.metrics.integrity_failures.inc()
                     logger.warning(
-                        "cached big part %s failed authentication; refetching", info.etag
+                        "cached big part %s failed authentication; evicted, refetching",
+                        info.etag,
                     )
                     await self.cache.evict(info.etag)
                     continue
@@ -251,9 +312,38 @@ class Transfers:
         small = len(info.small)
         if _LAYOUT.segment_bounds(last, info.ciphertext_size)[1] <= small:
             return None
-        fetch = functools.partial(self.blobs.stream, info.big_url)
         start = max(_LAYOUT.segment_start(first) - small, 0)
-        return await self.cache.open(info.etag, info.big_size, fetch, start)
+        return await self.cache.open(
+            info.etag, info.big_size, self._big_part(info), start, name=(info.folder, info.name)
+        )
+
+    def _big_part(self, info: ResourceInfo) -> FetchFunction:
+        """Reads of the big part; a presigned URL that expired (403) is renewed and read on."""
+        url = info.big_url
+
+        async def stream(start: int, end: int) -> AsyncGenerator[bytes, None]:
+            nonlocal url
+            position, renewed = start, False
+            while True:
+                try:
+                    async for chunk in self.blobs.stream(url, position, end):
+                        position += len(chunk)
+                        renewed = False
+                        yield chunk
+                except ForbiddenError:
+                    if renewed:
+                        raise
+                    # Same etag, same bytes: only the URL's signature ran out (SPEC §10).
+                    fresh = await self.api.get_resource(info.folder, info.name)
+                    if fresh.etag != info.etag:
+                        msg = f"{info.folder}/{info.name} changed during the download"
+                        raise UpstreamError(msg) from None
+                    logger.info("big part URL of %s expired; renewed", info.etag)
+                    url, renewed = fresh.big_url, True
+                else:
+                    return
+
+        return stream
 
     async def _integrity_failure(
         self, resource: ResourceInfo, segment: int, source: str, *, evict: bool

@@ -12,6 +12,7 @@ from harness import PUBLISHER, READER
 from unlockd.errors import InvalidInputError, NotAuthenticatedError
 from unlockd.hub import add_user
 from unlockd.hub.auth import Principal, Role, TokenStore, hash_password, verify_password
+from unlockd.hub.database import Database
 
 
 def test_login_valid_credentials_returns_expiring_token(shared_hub, accounts):
@@ -88,17 +89,23 @@ def test_token_after_ttl_is_401(tmp_path, start_hub, clock):
         assert reply.json() == {"detail": "invalid or expired token"}
 
 
-def test_token_store_prune_after_ttl_drops_only_expired(clock):
+async def test_token_store_prune_after_ttl_drops_only_expired(clock, tmp_path):
     """prune() drops the tokens whose ttl has passed on the store's clock, and only those."""
-    tokens = TokenStore(60, clock=clock)
-    old = tokens.issue(Principal(READER.email, Role.READER))
-    clock.advance(30)
-    new = tokens.issue(Principal(PUBLISHER.email, Role.PUBLISHER))
-    clock.advance(30)
-    assert tokens.prune() == 1
-    assert tokens.check(f"Bearer {new}") == Principal(PUBLISHER.email, Role.PUBLISHER)
-    with pytest.raises(NotAuthenticatedError):
-        tokens.check(f"Bearer {old}")
+    database = Database(tmp_path / "hub.sqlite3")
+    await database.open()
+    try:
+        tokens = TokenStore(database, 60, clock=clock)
+        old = await tokens.issue(Principal(READER.email, Role.READER))
+        clock.advance(30)
+        new = await tokens.issue(Principal(PUBLISHER.email, Role.PUBLISHER))
+        clock.advance(30)
+        assert await tokens.prune() == 1
+        principal = await tokens.check(f"Bearer {new}")
+        assert principal == Principal(PUBLISHER.email, Role.PUBLISHER)
+        with pytest.raises(NotAuthenticatedError):
+            await tokens.check(f"Bearer {old}")
+    finally:
+        await database.close()
 
 
 @pytest.mark.parametrize(

@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from harness import eventually
-from unlockd.hub.store import Store
+from unlockd.hub.database import Database
 
 
 def _unlockd(*args: str, env: dict[str, str], **kwargs) -> subprocess.CompletedProcess[str]:
@@ -195,13 +195,17 @@ def test_add_user_command_data_dir_from_hub_flag_or_environment(tmp_path, where)
         args = ["hub", "--data-dir", str(data_dir), "add-user", "--email", "ops@example.com"]
     result = _unlockd(*args, env=env)
     assert result.returncode == 0, result.stderr
-    store = Store(data_dir)
-    store.open()
-    try:
-        assert asyncio.run(store.get_user("ops@example.com")) is not None
-    finally:
-        store.close()
+    assert asyncio.run(_get_user(data_dir / "hub.sqlite3", "ops@example.com")) is not None
     assert not (tmp_path / "not-this-one").exists()
+
+
+async def _get_user(database, email):
+    db = Database(database)
+    await db.open()
+    try:
+        return await db.get_user(email)
+    finally:
+        await db.close()
 
 
 @pytest.mark.parametrize("kind", ["file", "uncreatable"])

@@ -1,61 +1,89 @@
-"""The SQLite store: schema versioning and reopening."""
+"""The hub's store: schema versions, reopening, file modes and blocking work off the loop."""
 
 from __future__ import annotations
 
 import pathlib
 import sqlite3
+import stat
 import threading
 
 import pytest
 
-from unlockd.errors import UnlockdError
+from unlockd.errors import StorageError, UnlockdError
 from unlockd.hub.auth import Role
-from unlockd.hub.store import Store
+from unlockd.hub.database import Database
+from unlockd.hub.store import Store, default_blob_store
 
 
-def _pragma(path, name):
+def _schema_version(path):
     with sqlite3.connect(path) as db:
-        (value,) = db.execute(f"PRAGMA {name}").fetchone()
+        (value,) = db.execute("SELECT version FROM unlockd_schema").fetchone()
     db.close()
     return value
 
 
-def test_store_open_creates_schema_version_and_wal(tmp_path):
-    """A new store gets every table, its schema version and WAL journaling; reopening is a no-op."""
-    store = Store(tmp_path)
-    store.open()
-    store.close()
-    version = _pragma(tmp_path / "hub.sqlite3", "user_version")
-    assert version >= 1
-    assert _pragma(tmp_path / "hub.sqlite3", "journal_mode") == "wal"
-    store.open()
-    store.close()
-    assert _pragma(tmp_path / "hub.sqlite3", "user_version") == version
-    assert {p.name for p in tmp_path.iterdir()} >= {"blobs", "uploads", "tmp", "hub.sqlite3"}
-
-
-def test_store_open_newer_schema_is_refused(tmp_path):
-    """A database written by a newer unlockd is not touched."""
-    with sqlite3.connect(tmp_path / "hub.sqlite3") as db:
-        db.execute("PRAGMA user_version = 999")
+async def test_database_open_creates_schema_version_and_wal(tmp_path):
+    """A new database gets its schema version and WAL journaling; reopening is a no-op."""
+    path = tmp_path / "hub.sqlite3"
+    for _ in range(2):
+        database = Database(path)
+        await database.open()
+        await database.close()
+    assert _schema_version(path) >= 1
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA journal_mode").fetchone() == ("wal",)
     db.close()
-    store = Store(tmp_path)
+
+
+async def test_database_open_newer_schema_is_refused(tmp_path):
+    """A database written by a newer unlockd is not touched."""
+    path = tmp_path / "hub.sqlite3"
+    database = Database(path)
+    await database.open()
+    await database.close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE unlockd_schema SET version = 999")
+    db.close()
     with pytest.raises(UnlockdError, match="newer than this unlockd knows"):
-        store.open()
+        await Database(path).open()
 
 
-def test_store_closed_refuses_work(tmp_path):
-    """Using a closed store is a clear error, not a crash inside sqlite3."""
-    store = Store(tmp_path)
-    with pytest.raises(UnlockdError, match="closed"):
-        store.put_user("a@b.c", "hash", Role.READER)
+async def test_database_closed_refuses_work(tmp_path):
+    """Using a closed database is a clear error, not a crash inside the driver."""
+    with pytest.raises(StorageError, match="closed"):
+        await Database(tmp_path / "hub.sqlite3").put_user("a@b.c", "hash", Role.READER)
 
 
-def test_store_open_corrupt_database_is_a_clear_error(tmp_path):
-    """A data dir whose database is not SQLite fails with the file's name."""
+async def test_database_open_corrupt_file_is_a_clear_error(tmp_path):
+    """A file that is not SQLite fails with the file's name."""
     (tmp_path / "hub.sqlite3").write_bytes(b"this is not a database" * 100)
-    with pytest.raises(UnlockdError, match="cannot open the hub database"):
-        Store(tmp_path).open()
+    with pytest.raises(StorageError, match=r"cannot open the hub database .*hub\.sqlite3"):
+        await Database(tmp_path / "hub.sqlite3").open()
+
+
+async def test_store_files_private_modes(tmp_path):
+    """The database and every stored body are 0600, their directories 0700."""
+    store = Store(Database(tmp_path / "hub.sqlite3"), default_blob_store(tmp_path))
+    await store.open()
+
+    async def body():
+        yield b"x" * 100
+
+    try:
+        by = "pub@example.com"
+        upload_id = await store.create_upload(by)
+        await store.write_upload(upload_id, by, body())
+        pending = await store.create_upload(by)
+        await store.write_upload(pending, by, body())
+        await store.publish("models", "m.bin", upload_id, key=bytes(32), small=b"s", by=by)
+    finally:
+        await store.close()
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert {p.parent.name for p in files} >= {"blobs", "uploads"}
+    for path in files:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    for name in ("blobs", "uploads", "tmp"):
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o700
 
 
 async def test_store_file_moves_and_removals_off_event_loop(tmp_path, monkeypatch):
@@ -75,23 +103,23 @@ async def test_store_file_moves_and_removals_off_event_loop(tmp_path, monkeypatc
     async def body():
         yield b"x" * 100
 
-    store = Store(tmp_path)
-    store.open()
+    store = Store(Database(tmp_path / "hub.sqlite3"), default_blob_store(tmp_path))
+    await store.open()
     try:
         monkeypatch.setattr(pathlib.Path, "unlink", unlink)
         monkeypatch.setattr(pathlib.Path, "replace", replace)
         by = "pub@example.com"
         for _ in range(2):  # the second publish removes the first version's blob
             upload_id = await store.create_upload(by)
-            await store.write_upload(upload_id, body())
+            await store.write_upload(upload_id, by, body())
             await store.publish("models", "m.bin", upload_id, key=bytes(32), small=b"s", by=by)
         await store.delete_resource("models", "m.bin")
         abandoned = await store.create_upload(by)
-        await store.write_upload(abandoned, body())
-        await store.delete_upload(abandoned)
+        await store.write_upload(abandoned, by, body())
+        await store.delete_upload(abandoned, by)
         monkeypatch.undo()
     finally:
-        store.close()
+        await store.close()
     assert {op for op, _ in calls} == {"unlink", "replace"}
     assert [call for call in calls if call[1]] == []
     assert list((tmp_path / "blobs").iterdir()) == list((tmp_path / "uploads").iterdir()) == []

@@ -16,6 +16,7 @@ import httpx
 import pytest
 
 from harness import PUBLISHER, eventually
+from unlockd.hub import add_user
 
 MiB = 1024 * 1024
 
@@ -26,6 +27,11 @@ def _b64(data: bytes) -> str:
 
 def _listing(directory) -> list[str]:
     return sorted(path.name for path in directory.iterdir())
+
+
+def _upload_ids(directory) -> list[str]:
+    # Upload bodies are named {upload_id}.{nonce}: one per PUT.
+    return sorted(path.name.partition(".")[0] for path in directory.iterdir())
 
 
 def _open_put(url: str, path: str, authorization: str, headers: str) -> socket.socket:
@@ -68,7 +74,7 @@ def test_put_upload_twice_replaces_the_body(hub, publisher):
     publisher.put(f"/uploads/{upload_id}", content=b"first body, longer than the second")
     reply = publisher.put(f"/uploads/{upload_id}", content=b"second")
     assert reply.json()["size"] == 6
-    assert _listing(hub.data_dir / "uploads") == [upload_id]
+    assert _upload_ids(hub.data_dir / "uploads") == [upload_id]
     etag = publisher.put("/resources/models/a", json=_publish_body(upload_id)).json()["etag"]
     assert publisher.get(f"/blobs/{etag}").content == b"second"
 
@@ -166,7 +172,7 @@ def test_upload_never_published_is_removed_after_ttl(tmp_path, start_hub):
         with httpx.Client(base_url=url, headers={"authorization": f"Bearer {token}"}) as client:
             upload_id = client.post("/uploads").json()["upload_id"]
             client.put(f"/uploads/{upload_id}", content=b"forgotten")
-            assert _listing(data_dir / "uploads") == [upload_id]
+            assert _upload_ids(data_dir / "uploads") == [upload_id]
             # The store keeps wall-clock times: age the upload instead of waiting out the ttl.
             with sqlite3.connect(data_dir / "hub.sqlite3") as db:
                 db.execute("UPDATE uploads SET touched_at = 0 WHERE id = ?", (upload_id,))
@@ -195,7 +201,7 @@ def test_hub_start_removes_temp_files_stale_uploads_and_orphan_blobs(tmp_path, s
     with start_hub(data_dir):
         assert _listing(data_dir / "tmp") == []
         assert _listing(data_dir / "blobs") == [etag]
-        assert _listing(data_dir / "uploads") == [fresh]
+        assert _upload_ids(data_dir / "uploads") == [fresh]
 
 
 @pytest.mark.slow
@@ -239,3 +245,33 @@ def test_put_upload_hundreds_of_mb_streams_in_flat_memory(hub, publisher):
         stop.set()
         sampler.join()
     assert max(samples) - baseline < 64 * MiB
+
+
+def test_upload_of_another_publisher_is_404(hub, publisher):
+    """An upload id is usable only by the account that created it: 404 for any other."""
+    add_user(hub.data_dir, "other@example.com", "other-password", role="publisher")
+    upload_id = publisher.post("/uploads").json()["upload_id"]
+    with hub.client(("other@example.com", "other-password")) as other:
+        assert other.put(f"/uploads/{upload_id}", content=b"mine").status_code == 404
+        reply = other.put("/resources/models/stolen", json=_publish_body(upload_id))
+        assert reply.status_code == 404
+        assert other.delete(f"/uploads/{upload_id}").status_code == 404
+    assert publisher.put(f"/uploads/{upload_id}", content=b"body").status_code == 200
+    reply = publisher.put("/resources/models/own", json=_publish_body(upload_id))
+    assert reply.status_code == 201
+
+
+@pytest.mark.parametrize("field", ["key", "small"])
+def test_publish_non_ascii_base64_is_422(publisher, field):
+    """Non-ASCII text where base64 belongs is a 422, not a 500, and publishes nothing."""
+    upload_id = publisher.post("/uploads").json()["upload_id"]
+    body = {**_publish_body(upload_id), field: "é"}
+    reply = publisher.put("/resources/models/accented", json=body)
+    assert reply.status_code == 422
+    assert publisher.get("/resources/models/accented").status_code == 404
+
+
+def test_put_key_non_ascii_is_422(publisher):
+    """PUT /keys/x with a non-ASCII key is a 422 and registers nothing."""
+    assert publisher.put("/keys/accented", json={"key": "é"}).status_code == 422
+    assert publisher.get("/keys/accented").status_code == 404

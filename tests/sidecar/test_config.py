@@ -84,12 +84,30 @@ def test_settings_empty_variable_ignored():
         ({"UNLOCKD_MAX_UPLOAD": "0"}, "UNLOCKD_MAX_UPLOAD: expected an integer >= 1"),
         ({"UNLOCKD_ARCHIVE_KEY_ID": "a/b"}, "invalid UNLOCKD_ARCHIVE_KEY_ID"),
         ({"UNLOCKD_HOST": "  "}, "UNLOCKD_HOST: expected a non-empty string"),
+        ({"UNLOCKD_CDN_CONNECTIONS": "0"}, "UNLOCKD_CDN_CONNECTIONS: expected an integer between"),
+        (
+            {"UNLOCKD_CDN_PART_SIZE": "4096"},
+            "UNLOCKD_CDN_PART_SIZE: expected an integer >= 1048576",
+        ),
+        ({"UNLOCKD_CDN_STALL_TIMEOUT": "0"}, "UNLOCKD_CDN_STALL_TIMEOUT: expected a positive"),
+        ({"UNLOCKD_CDN_STALL_TIMEOUT": "nan"}, "UNLOCKD_CDN_STALL_TIMEOUT: expected a positive"),
     ],
 )
 def test_settings_bad_value_error_names_key(environ, message):
     """A bad value raises InvalidInputError whose message names the variable."""
     with pytest.raises(InvalidInputError, match="^" + message.replace("?", r"\?")):
         Settings.from_environ(environ)
+
+
+def test_settings_cdn_transfer_values_cast():
+    """The CDN transfer settings come from their variables, flags winning, with their types."""
+    environ = {"UNLOCKD_CDN_CONNECTIONS": "16", "UNLOCKD_CDN_STALL_TIMEOUT": "2.5"}
+    settings = Settings.from_environ(environ, cdn_part_size="4194304")
+    assert (settings.cdn_connections, settings.cdn_part_size) == (16, 4 << 20)
+    assert settings.cdn_stall_timeout == 2.5
+    defaults = Settings.from_environ({})
+    assert (defaults.cdn_connections, defaults.cdn_part_size) == (8, 8 << 20)
+    assert defaults.cdn_stall_timeout == 10.0
 
 
 def test_settings_bad_override_error_names_flag():

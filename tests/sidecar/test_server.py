@@ -8,12 +8,13 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 
 import httpx
 import pytest
 
-from unlock.support import docker_required, engine_client, probe_docker
-from unlockd.demo import DEMO_IMAGE
+from harness import eventually
+from unlock.support import Engine, docker_required, engine_client, probe_docker
 
 UNLOCKD = [sys.executable, "-m", "unlockd"]
 
@@ -111,15 +112,19 @@ def test_serve_bad_env_exits_with_message(tmp_path):
 
 def test_dev_stack_demo_session_works(tmp_path):
     """`unlockd dev` runs hub + sidecar with the printed demo account; the session works."""
-    if port_in_use(8600) or port_in_use(8700):
-        pytest.skip("ports 8600/8700 are taken")
+    port, hub_port = free_port(), free_port()
+    docker_host, no_docker = probe_docker()
+    # A tag of this test's own: a user's unlockd-demo:latest is not touched.
+    prefix = f"unlockd-test-{uuid.uuid4().hex[:12]}"
+    image = f"{prefix}/demo:v1"
     # dev keeps its own settings: variables meant for `serve` must not break the session.
     hostile = {"UNLOCKD_API_TOKEN": "not-in-the-banner", "UNLOCKD_CACHE_DIR": "/proc/nope"}
-    process = start(["dev"], hostile, cwd=tmp_path)
-    url = "http://127.0.0.1:8600"
+    args = ["dev", "--port", str(port), "--hub-port", str(hub_port), "--demo-image", image]
+    process = start(args, hostile, cwd=tmp_path)
+    url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, process)
-        wait_healthy("http://127.0.0.1:8700", process)
+        wait_healthy(f"http://127.0.0.1:{hub_port}", process)
         password = (tmp_path / ".unlockd-dev" / "demo-password").read_text().strip()
         with httpx.Client(base_url=url, timeout=30) as client:
             login = client.post("/login", json={"email": "demo@example.com", "password": password})
@@ -128,22 +133,30 @@ def test_dev_stack_demo_session_works(tmp_path):
             upload = client.post("/upload/model.bin", files={"data": ("model.bin", data)})
             assert upload.status_code == 200
             assert client.post("/load/model.bin").content == data
+            # Sealed once both servers are up, maybe after the calls above.
+            eventually((tmp_path / ".unlockd-dev" / "images.enc").exists)
             unlocked = _unlock_demo(client, password)
     finally:
         returncode, out, err = stop(process)
     assert returncode == 0, err
-    docker_host, no_docker = probe_docker()
     if no_docker is None or docker_required():
-        assert unlocked["state"] == "ready", unlocked
-        assert unlocked["images"] == [DEMO_IMAGE]
-        with engine_client(docker_host) as engine:
-            engine.delete(f"/images/{DEMO_IMAGE}", params={"force": "1"})
+        with engine_client(docker_host) as engine_http:
+            engine = Engine(engine_http, prefix=prefix)
+            try:
+                assert unlocked["state"] == "ready", unlocked
+                assert unlocked["images"] == [image]
+                assert engine.tags() == {image}
+            finally:
+                engine.remove_all()
     else:
         assert unlocked["state"] == "error"
         assert "Docker" in unlocked["error"]
     assert "demo@example.com" in out
     assert password in out
     assert "curl -s -C -" in out
+    assert f"{url}/login" in out
+    assert f"images [{image}]" in out
+    assert 'cd "$(mktemp -d)"' in out
     assert (tmp_path / ".unlockd-dev" / "cache").is_dir()
     assert (tmp_path / ".unlockd-dev" / "hub").is_dir()
     # The demo image is sealed from memory: no plaintext archive on disk.
@@ -249,14 +262,12 @@ def test_serve_malformed_multipart_prints_nothing_bare(tmp_path):
 
 def test_dev_busy_port_fails_with_one_line(tmp_path):
     """`unlockd dev` with its hub port taken exits 1 with one error line, no traceback."""
-    if port_in_use(8600) or port_in_use(8700):
-        pytest.skip("ports 8600/8700 are taken")
+    port = free_port()
     with socket.socket() as busy:
-        # SO_REUSEADDR: a dev stack stopped just before may leave 8700 in TIME_WAIT.
-        busy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        busy.bind(("127.0.0.1", 8700))
+        busy.bind(("127.0.0.1", 0))
         busy.listen()
-        process = start(["dev"], cwd=tmp_path)
+        hub_port = busy.getsockname()[1]
+        process = start(["dev", "--port", str(port), "--hub-port", str(hub_port)], cwd=tmp_path)
         out, err = process.communicate(timeout=60)
     assert process.returncode == 1, err
     assert "Traceback" not in err
@@ -264,7 +275,7 @@ def test_dev_busy_port_fails_with_one_line(tmp_path):
     assert len(errors) == 1, err
     assert "address already in use" in errors[0].lower()
     assert "Try it" not in out  # no banner for a stack that is not up
-    assert not port_in_use(8600)
+    assert not port_in_use(port)
 
 
 def test_dev_uncreatable_data_dir_fails_with_one_line(tmp_path):

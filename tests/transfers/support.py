@@ -35,7 +35,9 @@ class HubProbe:
         self.cut_blob_after: int | None = None  # one-shot: drop the next blob body after N bytes
         self.ignore_range = False  # answer 200 with the whole blob to range requests
         self.blob_delay = 0.0  # seconds to wait before each blob body message
-        # One-shot faults, first match wins: (method, path prefix, "503" or "cut").
+        self.flip_blob_at: int | None = None  # one-shot: flip the blob byte at this offset
+        self.shorten_ranges = 0  # this many range requests are answered with half the range
+        # One-shot faults, first match wins: (method, path prefix, "503", "403" or "cut").
         self.faults: list[tuple[str, str, str]] = []
 
     def count(self, method: str, prefix: str) -> int:
@@ -51,21 +53,37 @@ class HubProbe:
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         self.requests.append((scope["method"], scope["path"], headers))
         fault = self._fault(scope["method"], scope["path"])
-        if fault == "503":
-            await _unavailable(send)
+        if fault in {"503", "403"}:
+            await _refuse(send, int(fault))
             return
         if fault == "cut":
             send = _cutting(send, 1)
         if scope["path"].startswith("/blobs/"):
-            if self.ignore_range:
-                kept = [(k, v) for k, v in scope["headers"] if k.lower() != b"range"]
-                scope = dict(scope, headers=kept)
-            if self.cut_blob_after is not None:
-                send = _cutting(send, self.cut_blob_after)
-                self.cut_blob_after = None
-            if self.blob_delay:
-                send = _delaying(send, self.blob_delay)
+            scope, send = self._blob_faults(scope, headers, send)
         await self.app(scope, receive, send)
+
+    def _blob_faults(self, scope: Any, headers: dict[str, str], send: Any) -> tuple[Any, Any]:
+        if self.ignore_range:
+            kept = [(k, v) for k, v in scope["headers"] if k.lower() != b"range"]
+            scope = dict(scope, headers=kept)
+        elif self.shorten_ranges and "range" in headers:
+            self.shorten_ranges -= 1
+            first, _, last = headers["range"].removeprefix("bytes=").partition("-")
+            if last:
+                half = f"bytes={first}-{int(first) + (int(last) - int(first)) // 2}"
+                kept = [(k, v) for k, v in scope["headers"] if k.lower() != b"range"]
+                scope = dict(scope, headers=[*kept, (b"range", half.encode())])
+        if self.flip_blob_at is not None:
+            first, _, last = headers.get("range", "bytes=0-").removeprefix("bytes=").partition("-")
+            if int(first) <= self.flip_blob_at and (not last or self.flip_blob_at <= int(last)):
+                send = _flipping(send, self.flip_blob_at - int(first))
+                self.flip_blob_at = None
+        if self.cut_blob_after is not None:
+            send = _cutting(send, self.cut_blob_after)
+            self.cut_blob_after = None
+        if self.blob_delay:
+            send = _delaying(send, self.blob_delay)
+        return scope, send
 
     def _fault(self, method: str, path: str) -> str | None:
         for i, (m, prefix, kind) in enumerate(self.faults):
@@ -75,11 +93,29 @@ class HubProbe:
         return None
 
 
-async def _unavailable(send: Any) -> None:
-    body = b'{"detail": "try again"}'
+async def _refuse(send: Any, status: int) -> None:
+    body = b'{"detail": "refused by the probe"}'
     headers = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))]
-    await send({"type": "http.response.start", "status": 503, "headers": headers})
+    await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+def _flipping(send: Any, offset: int) -> Any:
+    """Flip the body byte at ``offset`` of this response (if it gets there)."""
+    seen = 0
+
+    async def wrapped(message: Any) -> None:
+        nonlocal seen
+        if message["type"] == "http.response.body":
+            body = message.get("body", b"")
+            if seen <= offset < seen + len(body):
+                flipped = bytearray(body)
+                flipped[offset - seen] ^= 0x01
+                message = dict(message, body=bytes(flipped))
+            seen += len(body)
+        await send(message)
+
+    return wrapped
 
 
 def _cutting(send: Any, limit: int) -> Any:

@@ -13,6 +13,7 @@ import pytest
 
 from harness import PUBLISHER
 from transfers.support import (
+    chunked,
     download,
     folder_models,
     random_bytes,
@@ -22,6 +23,8 @@ from transfers.support import (
 )
 from unlockd import cache as cache_module
 from unlockd.api_client import ApiClient
+from unlockd.blobs import BlobClient
+from unlockd.cache import BigPartCache
 from unlockd.errors import (
     CiphertextError,
     InvalidInputError,
@@ -29,6 +32,8 @@ from unlockd.errors import (
     UpstreamError,
 )
 from unlockd.files import read_exactly_at
+from unlockd.metrics import Metrics
+from unlockd.transfers import Transfers
 
 PS = (1 << 20) - 16
 SIZE = 6 * PS + 999
@@ -82,8 +87,12 @@ async def test_download_cdn_cut_mid_body_resumes_with_range(sidecar, hub):
     hub.probe.cut_blob_after = 1_500_000
     assert await download(sidecar, "m.bin") == data
     first, second = hub.probe.blob_requests()
-    assert first["range"] == f"bytes=0-{len(data) + 6 * 16 + 40 + 16 - 4096 - 1}"
-    assert second["range"].startswith("bytes=1500000-")
+    end = len(data) + 6 * 16 + 40 + 16 - 4096 - 1
+    assert first["range"] == f"bytes=0-{end}"
+    # From the last byte that arrived: at most what the hub sent before the cut.
+    resumed = int(second["range"].removeprefix("bytes=").partition("-")[0])
+    assert 0 < resumed <= 1_500_000
+    assert second["range"] == f"bytes={resumed}-{end}"
 
 
 async def test_stream_blob_range_answered_200_skips_prefix(sidecar, hub):
@@ -118,19 +127,39 @@ async def test_download_concurrent_cold_share_one_blob_request(sidecar, hub):
     assert len(list(sidecar.cache_dir.iterdir())) == 1
 
 
-async def test_download_reader_cancelled_leaves_no_temp_file(sidecar, hub):
-    """A reader that goes away mid-download cancels the shared download and its temp file."""
+async def test_download_reader_leaves_download_completes_entry(sidecar, hub):
+    """A reader that goes away mid-download leaves the shared download to complete the entry."""
     data = random_bytes(SIZE)
     await upload(sidecar, "m.bin", data)
-    hub.probe.blob_delay = 0.2
+    hub.probe.blob_delay = 0.05
     d = await sidecar.transfers.open_download("models", "m.bin")
     async for _chunk in d:
         break
     assert len(temp_files(sidecar.cache_dir)) == 1
     await d.aclose()
     await settled(sidecar)
-    assert list(sidecar.cache_dir.iterdir()) == []
-    assert sidecar.cache._fetches == {}
+    assert temp_files(sidecar.cache_dir) == []
+    assert len(list(sidecar.cache_dir.iterdir())) == 1
+    assert await download(sidecar, "m.bin") == data
+    assert len(hub.probe.blob_requests()) == 1  # the second load was a cache hit
+
+
+async def test_cache_shutdown_mid_download_removes_temp_file(hub, tmp_path):
+    """Leaving the cache's context (app shutdown) cancels its downloads and their temp files."""
+    metrics = Metrics()
+    blobs = BlobClient(metrics)
+    async with httpx.AsyncClient(timeout=30) as http:
+        api = ApiClient(http, hub.url, metrics=metrics)
+        await api.login(*PUBLISHER)
+        async with BigPartCache(tmp_path / "cache", metrics) as cache:
+            transfers = Transfers(api, cache, blobs, metrics)
+            await transfers.upload("m.bin", chunked(random_bytes(SIZE)), folder_models)
+            hub.probe.blob_delay = 0.2
+            d = await transfers.open_download("models", "m.bin")
+            await d.aclose()
+            assert len(temp_files(tmp_path / "cache")) == 1
+        await blobs.aclose()
+    assert list((tmp_path / "cache").iterdir()) == []
 
 
 async def test_download_one_reader_cancelled_other_completes(sidecar, hub):
@@ -151,15 +180,16 @@ async def test_download_one_reader_cancelled_other_completes(sidecar, hub):
     assert len(hub.probe.blob_requests()) == 1
 
 
-async def test_download_cancelled_task_leaves_nothing(sidecar, hub):
-    """Cancelling the task that reads a cold download cleans up the shared download."""
+async def test_download_cancelled_task_leaves_complete_entry(sidecar, hub):
+    """Cancelling the task that reads a cold download leaves a complete entry, no temp file."""
     data = random_bytes(SIZE)
     await upload(sidecar, "m.bin", data)
-    hub.probe.blob_delay = 0.2
-    with anyio.move_on_after(0.5):
+    hub.probe.blob_delay = 0.05
+    with anyio.move_on_after(0.2):
         await download(sidecar, "m.bin")
     await settled(sidecar)
-    assert list(sidecar.cache_dir.iterdir()) == []
+    (entry,) = sidecar.cache_dir.iterdir()
+    assert entry.stat().st_size == len(data) + 6 * 16 + 40 + 16 - 4096
 
 
 async def test_upload_folder_error_abandons_upload(sidecar, hub):

@@ -40,7 +40,7 @@ async def test_open_download_wrong_name_fails_before_any_byte(sidecar):
 
 
 async def test_open_download_damaged_first_cached_segment_refetches(sidecar, hub):
-    """A damaged first segment in the cache is evicted and fetched again, transparently."""
+    """A damaged first segment in the cache is counted, evicted and fetched again, transparently."""
     data = random_bytes(3 * PS)
     await upload(sidecar, "m.bin", data)
     assert await download(sidecar, "m.bin") == data
@@ -51,7 +51,7 @@ async def test_open_download_damaged_first_cached_segment_refetches(sidecar, hub
         f.write(b"\0" * 8)
     assert await download(sidecar, "m.bin") == data
     assert len(hub.probe.blob_requests()) == 2
-    assert sidecar.metrics.integrity_failures._value.get() == 0
+    assert sidecar.metrics.integrity_failures._value.get() == 1
 
 
 async def test_download_range_shares_download_and_cleans_up(hub, tmp_path):
@@ -108,19 +108,41 @@ async def _models() -> str:
     return "models"
 
 
-async def test_download_far_range_uncached_streams_from_cdn(sidecar, hub, monkeypatch):
-    """A range far into an entry nobody is downloading is read straight from the CDN."""
-    monkeypatch.setattr("unlockd.cache._AHEAD", 0)
-    data = random_bytes(3 * PS)
-    await upload(sidecar, "m.bin", data)
-    d = await sidecar.transfers.open_download("models", "m.bin", (PS + 5, len(data)))
-    assert d.source == "cdn"
-    got = b"".join([c async for c in d])
-    await d.aclose()
-    assert got == data[PS + 5 :]
-    assert list(sidecar.cache_dir.iterdir()) == []
-    (blob,) = hub.probe.blob_requests()
-    assert blob["range"].startswith(f"bytes={(1 << 20) - 4096}-")  # segment 1, big-part offset
+async def test_download_far_range_fetches_its_part_first_then_completes_entry(hub, tmp_path):
+    """A range far into an uncached entry gets its own part first; the rest fills the cache."""
+    metrics = Metrics()
+    blobs = BlobClient(metrics)
+    data = random_bytes(4 * PS)
+    async with httpx.AsyncClient(timeout=30) as http:
+        api = ApiClient(http, hub.url, metrics=metrics)
+        await api.login(*PUBLISHER)
+        cache = BigPartCache(tmp_path / "cache", metrics, connections=1, part_size=1 << 20)
+        async with cache:
+            transfers = Transfers(api, cache, blobs, metrics)
+            await transfers.upload("m.bin", _once(data), _models)
+            d = await transfers.open_download("models", "m.bin", (2 * PS + 5, len(data)))
+            assert d.source == "download"
+            got = b"".join([c async for c in d])
+            await d.aclose()
+            await eventually_async(lambda: not cache._fetches)
+        await blobs.aclose()
+    assert got == data[2 * PS + 5 :]
+    # Segment 2 starts at big-part offset 2 MiB - 4096, in part 1: that part came first.
+    ranges = [r["range"] for r in hub.probe.blob_requests()]
+    assert ranges[0] == f"bytes={1 << 20}-{(2 << 20) - 1}"
+    assert sorted(ranges[1:]) == sorted(
+        f"bytes={start}-{min(start + (1 << 20), info_size(data)) - 1}"
+        for start in (0, 2 << 20, 3 << 20, 4 << 20)
+        if start < info_size(data)
+    )
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert entry.stat().st_size == info_size(data)
+
+
+def info_size(data: bytes) -> int:
+    """The big-part size of ``data`` encrypted and split with the default small size."""
+    segments = -(-(len(data) + 40) // PS)
+    return len(data) + 40 + 16 * segments - 4096
 
 
 async def test_download_cache_write_fails_falls_back_to_cdn(sidecar):

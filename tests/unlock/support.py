@@ -47,9 +47,9 @@ def engine_client(docker_host: str) -> httpx.Client:
 class Engine:
     """Synchronous helpers over the engine API for assertions and cleanup."""
 
-    def __init__(self, client: httpx.Client) -> None:
+    def __init__(self, client: httpx.Client, prefix: str | None = None) -> None:
         self.client = client
-        self.prefix = f"unlockd-test-{uuid.uuid4().hex[:12]}"
+        self.prefix = prefix or f"unlockd-test-{uuid.uuid4().hex[:12]}"
         self._count = 0
 
     def new_tag(self) -> str:

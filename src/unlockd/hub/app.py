@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -14,17 +15,35 @@ from starlette.applications import Starlette
 from unlockd.errors import UnlockdError
 from unlockd.httputil import json_exception_handlers
 from unlockd.hub.auth import PASSWORD_HASHING_THREADS, TokenStore, dummy_password_hash
+from unlockd.hub.blobstore import DirectoryBlobs, open_blob_store
+from unlockd.hub.database import Database
 from unlockd.hub.routes import routes
-from unlockd.hub.store import Store
+from unlockd.hub.store import Store, default_blob_store
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator, Callable
+    from collections.abc import AsyncIterator, Callable, Mapping
 
+    from unlockd.hub.blobstore import BlobStore
     from unlockd.hub.config import HubSettings
 
-__all__ = ["create_hub_app"]
+__all__ = ["build_store", "create_hub_app"]
 
 logger = logging.getLogger("unlockd.hub")
+
+
+def build_store(settings: HubSettings, environ: Mapping[str, str] | None = None) -> Store:
+    """The store ``settings`` describe (not opened); S3 variables come from ``environ``."""
+    environ = os.environ if environ is None else environ
+    if settings.uses_data_dir:
+        # 0700: the database holds every content key.
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        settings.data_dir.chmod(0o700)
+    blobs: BlobStore = (
+        default_blob_store(settings.data_dir)
+        if settings.blobs is None
+        else open_blob_store(settings.blobs, environ, settings.presign_ttl)
+    )
+    return Store(Database(settings.database_url), blobs)
 
 
 async def _clean_periodically(store: Store, tokens: TokenStore, upload_ttl: float) -> None:
@@ -33,32 +52,40 @@ async def _clean_periodically(store: Store, tokens: TokenStore, upload_ttl: floa
         await anyio.sleep(interval)
         try:
             removed = await store.remove_expired_uploads(upload_ttl)
-        except (UnlockdError, OSError) as exc:
-            logger.warning("removing expired uploads failed: %s", exc)
-        else:
             if removed:
                 logger.info("removed %d upload(s) not published within %ss", removed, upload_ttl)
-        tokens.prune()
+            await tokens.prune()
+            # A directory belongs to this process alone: what a crash left went at start.
+            if not isinstance(store.blobs, DirectoryBlobs):
+                await store.collect_garbage(upload_ttl)
+        except UnlockdError as exc:
+            logger.warning("cleaning up expired uploads and tokens failed: %s", exc.message)
 
 
 def create_hub_app(
-    settings: HubSettings, *, clock: Callable[[], float] = time.monotonic
+    settings: HubSettings,
+    *,
+    clock: Callable[[], float] = time.time,
+    environ: Mapping[str, str] | None = None,
 ) -> Starlette:
-    """Return the hub's ASGI app; the lifespan opens the store under ``settings.data_dir``.
+    """Return the hub's ASGI app; the lifespan opens the store ``settings`` describe.
 
-    ``clock`` is the time that tokens expire by (tests pass one they move by hand).
+    ``clock`` is the time that tokens expire by (tests pass one they move by hand);
+    ``environ`` holds the ``AWS_*`` variables of an S3 store (default: ``os.environ``).
     """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = Store(settings.data_dir)
-        await anyio.to_thread.run_sync(store.open)
+        store = build_store(settings, environ)
+        await store.open()
         try:
-            await anyio.to_thread.run_sync(store.recover, settings.upload_ttl)
+            await store.remove_expired_uploads(settings.upload_ttl)
+            # Nothing is in flight yet in this process: every temp file of its own is stale.
+            await store.collect_garbage(0)
             # Computed once up front so the first unknown-email login is not faster.
             await anyio.to_thread.run_sync(dummy_password_hash)
             app.state.store = store
-            app.state.tokens = TokenStore(settings.token_ttl, clock=clock)
+            app.state.tokens = TokenStore(store.database, settings.token_ttl, clock=clock)
             # scrypt takes 16 MiB and ~50 ms a login: a burst of logins must not fill every
             # worker thread (and hundreds of MiB) at once.
             app.state.password_limiter = anyio.CapacityLimiter(PASSWORD_HASHING_THREADS)
@@ -70,7 +97,8 @@ def create_hub_app(
                 yield
                 task_group.cancel_scope.cancel()
         finally:
-            await anyio.to_thread.run_sync(store.close)
+            with anyio.CancelScope(shield=True):
+                await store.close()
 
     app = Starlette(
         routes=routes,

@@ -9,7 +9,6 @@ import functools
 import hashlib
 import hmac
 import secrets
-import threading
 import time
 from typing import TYPE_CHECKING
 
@@ -17,6 +16,8 @@ from unlockd.errors import ForbiddenError, InvalidInputError, NotAuthenticatedEr
 
 if TYPE_CHECKING:
     from collections.abc import Callable
+
+    from unlockd.hub.database import Database
 
 __all__ = [
     "PASSWORD_HASHING_THREADS",
@@ -102,51 +103,39 @@ class Principal:
 
 
 class TokenStore:
-    """Bearer tokens in memory, kept only as SHA-256 digests with their expiry.
+    """Bearer tokens kept in the database as SHA-256 digests with their expiry.
 
-    ``clock`` tells the time in seconds (``time.monotonic`` unless a test moves time itself).
+    Every hub process sharing the database accepts a token any of them issued. ``clock``
+    tells the time in seconds: wall-clock time by default, since processes compare it
+    (tests pass a clock they move themselves).
     """
 
-    def __init__(self, ttl: float, *, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self, database: Database, ttl: float, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.ttl = ttl
+        self._database = database
         self._clock = clock
-        self._lock = threading.Lock()
-        self._tokens: dict[bytes, tuple[Principal, float]] = {}
 
-    @staticmethod
-    def _digest(token: str) -> bytes:
-        return hashlib.sha256(token.encode()).digest()
-
-    def issue(self, principal: Principal) -> str:
+    async def issue(self, principal: Principal) -> str:
         """Return a new token for ``principal``, valid for ``ttl`` seconds."""
         token = secrets.token_urlsafe(32)
-        with self._lock:
-            self._tokens[self._digest(token)] = (principal, self._clock() + self.ttl)
+        await self._database.add_token(token, principal, self._clock() + self.ttl)
         return token
 
-    def check(self, authorization: str | None) -> Principal:
+    async def check(self, authorization: str | None) -> Principal:
         """Return the principal of an ``Authorization: Bearer`` header or raise 401."""
         scheme, _, token = (authorization or "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        if scheme.lower() != "bearer" or not token.strip() or len(token) > 1024:
             msg = "missing bearer token"
             raise NotAuthenticatedError(msg)
-        # The dict lookup is by digest: timing reveals nothing about the token itself.
-        digest = self._digest(token.strip())
-        with self._lock:
-            entry = self._tokens.get(digest)
-            if entry is not None and entry[1] <= self._clock():
-                del self._tokens[digest]
-                entry = None
-        if entry is None:
+        # Looked up by digest: timing reveals nothing about the token itself.
+        principal = await self._database.get_token(token.strip(), self._clock())
+        if principal is None:
             msg = "invalid or expired token"
             raise NotAuthenticatedError(msg)
-        return entry[0]
+        return principal
 
-    def prune(self) -> int:
+    async def prune(self) -> int:
         """Drop expired tokens; return how many."""
-        now = self._clock()
-        with self._lock:
-            expired = [d for d, (_, expiry) in self._tokens.items() if expiry <= now]
-            for digest in expired:
-                del self._tokens[digest]
-        return len(expired)
+        return await self._database.remove_expired_tokens(self._clock())

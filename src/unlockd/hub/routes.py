@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import binascii
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -20,8 +19,11 @@ from unlockd.errors import (
 )
 from unlockd.httputil import if_range_allows, parse_range, read_json_object
 from unlockd.hub.auth import Principal, Role, dummy_password_hash, verify_password
+from unlockd.hub.blobstore import DirectoryBlobs
+from unlockd.hub.openapi import HUB_DOCUMENT
 from unlockd.hub.responses import BlobResponse
 from unlockd.models import validate_name
+from unlockd.openapi import openapi_endpoint
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -42,9 +44,9 @@ def _store(request: Request) -> Store:
     return store
 
 
-def _authorize(request: Request, role: Role) -> Principal:
+async def _authorize(request: Request, role: Role) -> Principal:
     tokens: TokenStore = request.app.state.tokens
-    principal = tokens.check(request.headers.get("authorization"))
+    principal = await tokens.check(request.headers.get("authorization"))
     principal.require(role)
     return principal
 
@@ -71,7 +73,7 @@ def _base64_field(body: dict[str, Any], field: str) -> bytes:
         if not isinstance(value, str):
             raise TypeError  # noqa: TRY301 - one message for every malformed value
         return base64.b64decode(value, validate=True)
-    except (TypeError, binascii.Error):
+    except (TypeError, ValueError):  # binascii.Error, or a str that is not ASCII
         msg = f"'{field}' must be a standard base64 string"
         raise InvalidInputError(msg) from None
 
@@ -106,7 +108,7 @@ async def login(request: Request) -> Response:
         msg = "invalid email or password"
         raise CredentialsRejectedError(msg)
     tokens: TokenStore = request.app.state.tokens
-    token = tokens.issue(Principal(email, user[1]))
+    token = await tokens.issue(Principal(email, user[1]))
     # "role" is an extension of the protocol: clients such as `unlockd seal` fail fast on it.
     return JSONResponse(
         {
@@ -119,7 +121,7 @@ async def login(request: Request) -> Response:
 
 
 async def get_resource(request: Request) -> Response:
-    _authorize(request, Role.READER)
+    await _authorize(request, Role.READER)
     folder, name = _name(request, "folder", "folder"), _name(request, "name", "filename")
     resource = await _store(request).get_resource(folder, name)
     return JSONResponse(
@@ -128,13 +130,13 @@ async def get_resource(request: Request) -> Response:
             "small": _b64(resource.small),
             "big_size": resource.big_size,
             "etag": resource.etag,
-            "big_url": f"/blobs/{resource.etag}",
+            "big_url": _store(request).big_url(resource),
         }
     )
 
 
 async def put_resource(request: Request) -> Response:
-    principal = _authorize(request, Role.PUBLISHER)
+    principal = await _authorize(request, Role.PUBLISHER)
     folder, name = _name(request, "folder", "folder"), _name(request, "name", "filename")
     body = await _json_object(request)
     upload_id = _text_field(body, "upload_id", 64)
@@ -146,27 +148,30 @@ async def put_resource(request: Request) -> Response:
     etag = await _store(request).publish(
         folder, name, upload_id, key=key, small=small, by=principal.email
     )
-    return JSONResponse({"etag": etag, "big_url": f"/blobs/{etag}"}, status_code=201)
+    resource = await _store(request).get_resource(folder, name)
+    # A concurrent publish may have replaced it already: its URL is then the newer one's.
+    big_url = _store(request).big_url(resource) if resource.etag == etag else f"/blobs/{etag}"
+    return JSONResponse({"etag": etag, "big_url": big_url}, status_code=201)
 
 
 async def delete_resource(request: Request) -> Response:
-    _authorize(request, Role.PUBLISHER)
+    await _authorize(request, Role.PUBLISHER)
     folder, name = _name(request, "folder", "folder"), _name(request, "name", "filename")
     await _store(request).delete_resource(folder, name)
     return Response(status_code=204)
 
 
 async def create_upload(request: Request) -> Response:
-    principal = _authorize(request, Role.PUBLISHER)
+    principal = await _authorize(request, Role.PUBLISHER)
     upload_id = await _store(request).create_upload(principal.email)
     return JSONResponse({"upload_id": upload_id}, status_code=201)
 
 
 async def put_upload(request: Request) -> Response:
-    _authorize(request, Role.PUBLISHER)
+    principal = await _authorize(request, Role.PUBLISHER)
     try:
         result = await _store(request).write_upload(
-            request.path_params["upload_id"], request.stream()
+            request.path_params["upload_id"], principal.email, request.stream()
         )
     except ClientDisconnect:
         # The store has dropped the upload; nobody is left to read a reply or an error log.
@@ -175,8 +180,8 @@ async def put_upload(request: Request) -> Response:
 
 
 async def delete_upload(request: Request) -> Response:
-    _authorize(request, Role.PUBLISHER)
-    await _store(request).delete_upload(request.path_params["upload_id"])
+    principal = await _authorize(request, Role.PUBLISHER)
+    await _store(request).delete_upload(request.path_params["upload_id"], principal.email)
     return Response(status_code=204)
 
 
@@ -190,9 +195,16 @@ def _open_blob(path: os.PathLike[str]) -> tuple[int, int]:
 
 
 async def get_blob(request: Request) -> Response:
+    store = _store(request)
+    key = await store.blob_object(request.path_params["etag"])
+    if not isinstance(store.blobs, DirectoryBlobs):
+        # Blob bytes never pass through a hub on a bucket: the client goes to the store.
+        url = store.blobs.url(key)
+        return Response(
+            status_code=307, headers={"location": url or "", "cache-control": "no-store"}
+        )
+    fd, size = await anyio.to_thread.run_sync(_open_blob, store.blobs.path(key))
     etag = request.path_params["etag"]
-    path = _store(request).blob_path(etag)
-    fd, size = await anyio.to_thread.run_sync(_open_blob, path)
     try:
         headers = {"etag": f'"{etag}"', "cache-control": _IMMUTABLE, "accept-ranges": "bytes"}
         byte_range = None
@@ -210,7 +222,7 @@ async def get_blob(request: Request) -> Response:
 
 
 async def put_key(request: Request) -> Response:
-    _authorize(request, Role.PUBLISHER)
+    await _authorize(request, Role.PUBLISHER)
     key_id = _name(request, "key_id", "key id")
     key = _key_field(await _json_object(request))
     created = await _store(request).put_key(key_id, key)
@@ -218,13 +230,38 @@ async def put_key(request: Request) -> Response:
 
 
 async def get_key(request: Request) -> Response:
-    _authorize(request, Role.READER)
+    await _authorize(request, Role.READER)
     key_id = _name(request, "key_id", "key id")
     key = await _store(request).get_key(key_id)
     return JSONResponse({"key": _b64(key)})
 
 
+def _one_route_per_path(routes: list[Route]) -> list[Route]:
+    """Merge the routes of each path into one, so that a 405's Allow lists all its methods.
+
+    Starlette answers 405 from the first route whose path matches, naming only that route's
+    methods; RFC 9110 §15.5.6 wants every method the resource supports.
+    """
+    by_path: dict[str, list[Route]] = {}
+    for route in routes:
+        by_path.setdefault(route.path, []).append(route)
+    return [
+        group[0] if len(group) == 1 else _merged(path, group) for path, group in by_path.items()
+    ]
+
+
+def _merged(path: str, group: list[Route]) -> Route:
+    handlers = {method: route.endpoint for route in group for method in route.methods or ()}
+
+    async def endpoint(request: Request) -> Response:
+        response: Response = await handlers[request.method](request)
+        return response
+
+    return Route(path, endpoint, methods=list(handlers))
+
+
 routes = [
+    Route("/openapi.json", openapi_endpoint(HUB_DOCUMENT), methods=["GET"]),
     Route("/health", health, methods=["GET"]),
     Route("/auth/login", login, methods=["POST"]),
     Route("/resources/{folder}/{name}", get_resource, methods=["GET"]),
@@ -237,3 +274,4 @@ routes = [
     Route("/keys/{key_id}", put_key, methods=["PUT"]),
     Route("/keys/{key_id}", get_key, methods=["GET"]),
 ]
+routes = _one_route_per_path(routes)

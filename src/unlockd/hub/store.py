@@ -1,99 +1,55 @@
-"""The hub's storage: an SQLite database for accounts, resources and keys, plus blob files.
+"""The hub's storage: metadata in a :class:`Database`, big parts in a :class:`BlobStore`.
 
-Layout of ``data_dir``::
+The embedded default is SQLite plus a blob directory under the data dir::
 
-    hub.sqlite3      users, uploads, resources, keys (WAL mode, schema in PRAGMA user_version)
-    tmp/             bodies being received; removed on failure and at start
-    uploads/{id}     complete upload bodies waiting to be published
+    hub.sqlite3      users, tokens, uploads, resources, keys (WAL)
+    tmp/             bodies being received; removed on failure, and when stale
+    uploads/{id}.N   complete upload bodies waiting to be published
     blobs/{etag}     published big parts, one file per version
 
-Files move only by rename inside ``data_dir``, so a blob is either complete or absent.
-Publishing renames the upload to its blob and commits the row in one locked step; the
-previous version's blob is removed after the commit once no row references it.
+For a fleet, PostgreSQL and an S3-compatible bucket (``uploads/{id}.N`` objects, which stay
+where they are when published). The rules that keep the two in step, whichever they are:
+
+- an object is written whole (temp file + rename, or a completed multipart upload) before
+  any row refers to it, so a crash never leaves a row pointing at half an object;
+- publishing takes the upload's row and inserts the resource's in one transaction (the
+  directory's rename happens inside it and is undone if it fails);
+- an object is deleted after the commit that stopped referring to it; what a crash left
+  (an object no row refers to whose upload is gone, an incomplete multipart upload of a
+  gone upload) is removed by :meth:`Store.collect_garbage`, at start and periodically.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
+import logging
 import re
 import secrets
-import sqlite3
-import threading
 import time
-from collections import Counter
-from functools import partial
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING
 
 import anyio
-import anyio.to_thread
 
-from unlockd.errors import ConflictError, NotFoundError, StorageError
-from unlockd.files import AtomicFile
-from unlockd.hub.auth import Role
+from unlockd.errors import NotFoundError, StorageError
+from unlockd.hub.blobstore import Body, DirectoryBlobs
+from unlockd.hub.database import Database, Resource
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterable, Callable
+    from collections.abc import AsyncIterable, AsyncIterator
     from pathlib import Path
 
-__all__ = ["Resource", "Store", "UploadResult"]
+    from unlockd.hub.auth import Role
+    from unlockd.hub.blobstore import BlobStore
+    from unlockd.hub.database import Upload
 
-T = TypeVar("T")
+__all__ = ["Resource", "Store", "UploadResult", "default_blob_store"]
 
-_WRITE_SIZE = 1024 * 1024
+logger = logging.getLogger("unlockd.hub")
+
 _ETAG = re.compile(r"[0-9a-f]{32}")
 _UPLOAD_ID = re.compile(r"[A-Za-z0-9_-]{22}")
-_EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
-
-# Each entry migrates the schema from version i to i + 1; append, never edit.
-_MIGRATIONS: list[str] = [
-    """
-    CREATE TABLE users (
-        email TEXT PRIMARY KEY,
-        password_hash TEXT NOT NULL,
-        role TEXT NOT NULL CHECK (role IN ('reader', 'publisher')),
-        created_at REAL NOT NULL
-    );
-    CREATE TABLE uploads (
-        id TEXT PRIMARY KEY,
-        created_by TEXT NOT NULL,
-        touched_at REAL NOT NULL,
-        size INTEGER,
-        sha256 TEXT
-    );
-    CREATE TABLE resources (
-        folder TEXT NOT NULL,
-        name TEXT NOT NULL,
-        key BLOB NOT NULL,
-        small BLOB NOT NULL,
-        big_size INTEGER NOT NULL,
-        big_sha256 TEXT NOT NULL,
-        etag TEXT NOT NULL,
-        published_at REAL NOT NULL,
-        published_by TEXT NOT NULL,
-        PRIMARY KEY (folder, name)
-    );
-    CREATE INDEX resources_etag ON resources (etag);
-    CREATE TABLE keys (
-        key_id TEXT PRIMARY KEY,
-        key BLOB NOT NULL,
-        created_at REAL NOT NULL
-    );
-    """,
-]
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Resource:
-    """One published version of a resource."""
-
-    folder: str
-    name: str
-    key: bytes
-    small: bytes
-    big_size: int
-    etag: str
+# A body that is still arriving refreshes its upload this often, so no hub expires it.
+_TOUCH_INTERVAL = 30.0
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -104,410 +60,212 @@ class UploadResult:
     sha256: str
 
 
-def _write_hashed(file: IO[bytes], digest: Any, data: bytes | bytearray) -> None:
-    # hashlib and file writes release the GIL for large buffers: both run off the event loop.
-    digest.update(data)
-    file.write(data)
+def default_blob_store(data_dir: Path) -> DirectoryBlobs:
+    """The blob directory of the embedded default, laid out as ``data_dir`` always was."""
+    return DirectoryBlobs(data_dir / "blobs", data_dir / "uploads", data_dir / "tmp")
 
 
-def _unlink(path: Path) -> None:
-    with contextlib.suppress(FileNotFoundError):
-        path.unlink()
-
-
-async def _remove(path: Path) -> None:
-    # Off the loop: unlinking a multi-GB blob or upload frees its blocks, which takes a while.
-    await anyio.to_thread.run_sync(_unlink, path)
-
-
-async def _rename(source: Path, target: Path) -> None:
-    await anyio.to_thread.run_sync(source.replace, target)
+def _check_upload_id(upload_id: str) -> None:
+    if not _UPLOAD_ID.fullmatch(upload_id):
+        msg = f"upload {upload_id[:64]!r} not found"
+        raise NotFoundError(msg)
 
 
 class Store:
-    """SQLite database plus blob directory; async methods keep blocking work off the loop."""
+    """Accounts, tokens, resources, uploads and keys over a database and a blob store."""
 
-    def __init__(self, data_dir: Path) -> None:
-        self.data_dir = data_dir
-        self.database = data_dir / "hub.sqlite3"
-        self.tmp_dir = data_dir / "tmp"
-        self.uploads_dir = data_dir / "uploads"
-        self.blobs_dir = data_dir / "blobs"
-        self._db: sqlite3.Connection | None = None
-        self._db_lock = threading.Lock()
-        # Orders the file renames of uploads and publishes with their database rows.
-        self._lock = anyio.Lock()
-        self._writing: Counter[str] = Counter()
+    def __init__(self, database: Database, blobs: BlobStore) -> None:
+        self.database = database
+        self.blobs = blobs
 
-    # -- lifecycle -------------------------------------------------------------------------
-
-    def open(self) -> None:
-        """Create the directories and schema (migrating an older one); blocking."""
-        for directory in (self.data_dir, self.tmp_dir, self.uploads_dir, self.blobs_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+    async def open(self) -> None:
+        """Connect to both (migrating the schema); StorageError naming what failed."""
+        await self.database.open()
         try:
-            db = sqlite3.connect(
-                self.database, timeout=30, isolation_level=None, check_same_thread=False
-            )
-        except sqlite3.Error as exc:
-            msg = f"cannot open the hub database {self.database}: {exc}"
-            raise StorageError(msg) from exc
-        self._db = db
-        try:
-            db.execute("PRAGMA journal_mode = WAL")
-            db.execute("PRAGMA synchronous = NORMAL")
-            self._migrate()
-        except sqlite3.Error as exc:
-            self.close()
-            msg = f"cannot open the hub database {self.database}: {exc}"
-            raise StorageError(msg) from exc
+            await self.blobs.open()
         except BaseException:
-            self.close()
+            await self.database.close()
             raise
 
-    def close(self) -> None:
-        """Close the database; blocking."""
-        with self._db_lock:
-            if self._db is not None:
-                self._db.close()
-                self._db = None
-
-    def _migrate(self) -> None:
-        def migrate(db: sqlite3.Connection) -> None:
-            (version,) = db.execute("PRAGMA user_version").fetchone()
-            if version > len(_MIGRATIONS):
-                msg = f"{self.database} has schema {version}, newer than this unlockd knows"
-                raise StorageError(msg)
-            for number in range(version, len(_MIGRATIONS)):
-                for statement in _MIGRATIONS[number].split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-                db.execute(f"PRAGMA user_version = {number + 1}")
-
-        self._transaction(migrate)
-
-    def _transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        with self._db_lock:
-            db = self._db
-            if db is None:
-                msg = "the hub store is closed"
-                raise StorageError(msg)
-            db.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(db)
-            except BaseException:
-                db.execute("ROLLBACK")
-                raise
-            db.execute("COMMIT")
-            return result
-
-    async def _run(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        return await anyio.to_thread.run_sync(self._transaction, work)
-
-    # -- accounts --------------------------------------------------------------------------
-
-    def put_user(self, email: str, password_hash: str, role: Role) -> None:
-        """Create the account or replace its password and role; blocking."""
-        self._transaction(
-            lambda db: db.execute(
-                "INSERT INTO users (email, password_hash, role, created_at) VALUES (?, ?, ?, ?)"
-                " ON CONFLICT (email) DO UPDATE"
-                " SET password_hash = excluded.password_hash, role = excluded.role",
-                (email, password_hash, role.value, time.time()),
-            )
-        )
+    async def close(self) -> None:
+        """Close both."""
+        try:
+            await self.blobs.close()
+        finally:
+            await self.database.close()
 
     async def get_user(self, email: str) -> tuple[str, Role] | None:
         """Return the password hash and role of ``email``, or None."""
-        row = await self._run(
-            lambda db: db.execute(
-                "SELECT password_hash, role FROM users WHERE email = ?", (email,)
-            ).fetchone()
-        )
-        return None if row is None else (row[0], Role(row[1]))
+        return await self.database.get_user(email)
 
     # -- resources -------------------------------------------------------------------------
 
     async def get_resource(self, folder: str, name: str) -> Resource:
         """Return the current version of ``folder/name`` or raise NotFoundError."""
-        row = await self._run(
-            lambda db: db.execute(
-                "SELECT key, small, big_size, etag FROM resources WHERE folder = ? AND name = ?",
-                (folder, name),
-            ).fetchone()
-        )
-        if row is None:
-            msg = f"resource {folder}/{name} not found"
+        return await self.database.get_resource(folder, name)
+
+    def big_url(self, resource: Resource) -> str:
+        """Where clients fetch the big part: presigned in a bucket, else the hub's /blobs."""
+        return self.blobs.url(resource.object) or f"/blobs/{resource.etag}"
+
+    async def blob_object(self, etag: str) -> str:
+        """The object of the big part ``etag``; NotFoundError if there is none."""
+        key = await self.database.blob_object(etag) if _ETAG.fullmatch(etag) else None
+        if key is None:
+            msg = "blob not found"
             raise NotFoundError(msg)
-        return Resource(folder, name, bytes(row[0]), bytes(row[1]), row[2], row[3])
+        return key
 
     async def publish(  # noqa: PLR0913 - the protocol's fields, keyword-only
         self, folder: str, name: str, upload_id: str, *, key: bytes, small: bytes, by: str
     ) -> str:
         """Make ``upload_id`` the big part of a new version of ``folder/name``; return its etag."""
+        _check_upload_id(upload_id)
         etag = secrets.token_hex(16)
-        blob = self.blobs_dir / etag
-        source = self._upload_path(upload_id)
-        # Renames and the commit must not be torn apart by a cancelled request.
+        # The rename (or empty object) and the commit must not be torn apart by a cancel.
         with anyio.CancelScope(shield=True):
-            async with self._lock:
-                upload = await self._run(partial(self._upload_row, upload_id))
-                if upload_id in self._writing:
-                    msg = f"upload {upload_id} is still receiving its body"
-                    raise ConflictError(msg)
-                size, sha256 = upload
-                if size is None:  # no body was sent: an empty big part
-                    await anyio.to_thread.run_sync(blob.touch)
-                    size, sha256 = 0, _EMPTY_SHA256
-                else:
-                    try:
-                        await _rename(source, blob)
-                    except FileNotFoundError:
-                        msg = f"upload {upload_id} lost its body; upload it again"
-                        raise ConflictError(msg) from None
-                row = (folder, name, key, small, size, sha256, etag, time.time(), by)
-                try:
-                    previous = await self._run(partial(self._publish_row, upload_id, row))
-                except BaseException:
-                    if upload[0] is None:
-                        await _remove(blob)
+            promoted: tuple[Upload, str] | None = None
+
+            async def promote(upload: Upload) -> tuple[str, int, str]:
+                nonlocal promoted
+                if upload.object is None:  # no body was sent: an empty big part
+                    blob = f"uploads/{upload.id}.{secrets.token_hex(4)}"
+                    await self.blobs.write_empty(blob)
+                    promoted = (upload, blob)
+                    return blob, 0, _EMPTY_SHA256
+                blob = await self.blobs.promote(upload.object, etag)
+                promoted = (upload, blob)
+                return blob, upload.size or 0, upload.sha256 or _EMPTY_SHA256
+
+            try:
+                previous = await self.database.publish(
+                    upload_id, by, folder, name, key=key, small=small, etag=etag, promote=promote
+                )
+            except BaseException:
+                if promoted is not None:
+                    undone, blob = promoted
+                    if undone.object is None:
+                        await self.blobs.delete(blob)
                     else:
-                        await _rename(blob, source)
-                    raise
-                if previous is not None:
-                    await self._remove_blob_if_unreferenced(previous)
+                        await self.blobs.demote(blob, undone.object)
+                raise
+            if previous is not None:
+                await self._delete_quietly(previous)
         return etag
 
-    @staticmethod
-    def _publish_row(upload_id: str, row: tuple[Any, ...], db: sqlite3.Connection) -> str | None:
-        previous = db.execute(
-            "SELECT etag FROM resources WHERE folder = ? AND name = ?", row[:2]
-        ).fetchone()
-        db.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))
-        db.execute(
-            "INSERT INTO resources (folder, name, key, small, big_size, big_sha256, etag,"
-            " published_at, published_by) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (folder, name) DO UPDATE SET key = excluded.key,"
-            " small = excluded.small, big_size = excluded.big_size,"
-            " big_sha256 = excluded.big_sha256, etag = excluded.etag,"
-            " published_at = excluded.published_at, published_by = excluded.published_by",
-            row,
-        )
-        return None if previous is None else str(previous[0])
-
     async def delete_resource(self, folder: str, name: str) -> None:
-        """Remove ``folder/name`` and, once unreferenced, its blob; NotFoundError if absent."""
-
-        def delete(db: sqlite3.Connection) -> str | None:
-            row = db.execute(
-                "DELETE FROM resources WHERE folder = ? AND name = ? RETURNING etag",
-                (folder, name),
-            ).fetchone()
-            return None if row is None else str(row[0])
-
+        """Remove ``folder/name`` and its blob; NotFoundError if absent."""
         with anyio.CancelScope(shield=True):
-            async with self._lock:
-                etag = await self._run(delete)
-                if etag is not None:
-                    await self._remove_blob_if_unreferenced(etag)
-        if etag is None:
-            msg = f"resource {folder}/{name} not found"
-            raise NotFoundError(msg)
+            removed = await self.database.delete_resource(folder, name)
+            await self._delete_quietly(removed)
 
-    async def _remove_blob_if_unreferenced(self, etag: str) -> None:
-        referenced = await self._run(
-            lambda db: db.execute("SELECT 1 FROM resources WHERE etag = ?", (etag,)).fetchone()
-        )
-        if referenced is None:
-            # Readers that already opened the file keep reading it: POSIX unlink semantics.
-            await _remove(self.blobs_dir / etag)
-
-    def blob_path(self, etag: str) -> Path:
-        """Return the file of blob ``etag``; NotFoundError for a name that cannot be one."""
-        if not _ETAG.fullmatch(etag):
-            msg = "blob not found"
-            raise NotFoundError(msg)
-        return self.blobs_dir / etag
+    async def _delete_quietly(self, key: str) -> None:
+        # The commit that dropped the reference has happened: a failure here leaves an
+        # unreferenced object, which the next garbage collection removes.
+        try:
+            await self.blobs.delete(key)
+        except StorageError as exc:
+            logger.warning("could not remove %s now, will retry: %s", key, exc.message)
 
     # -- uploads ---------------------------------------------------------------------------
 
-    def _upload_path(self, upload_id: str) -> Path:
-        if not _UPLOAD_ID.fullmatch(upload_id):
-            msg = f"upload {upload_id[:64]!r} not found"
-            raise NotFoundError(msg)
-        return self.uploads_dir / upload_id
-
-    @staticmethod
-    def _upload_row(upload_id: str, db: sqlite3.Connection) -> tuple[int | None, str | None]:
-        row = db.execute("SELECT size, sha256 FROM uploads WHERE id = ?", (upload_id,)).fetchone()
-        if row is None:
-            msg = f"upload {upload_id} not found"
-            raise NotFoundError(msg)
-        return row[0], row[1]
-
     async def create_upload(self, by: str) -> str:
-        """Register a new, empty upload and return its id."""
+        """Register a new, empty upload of ``by`` and return its id."""
         upload_id = secrets.token_urlsafe(16)
-        await self._run(
-            lambda db: db.execute(
-                "INSERT INTO uploads (id, created_by, touched_at) VALUES (?, ?, ?)",
-                (upload_id, by, time.time()),
-            )
-        )
+        await self.database.create_upload(upload_id, by)
         return upload_id
 
-    async def write_upload(self, upload_id: str, chunks: AsyncIterable[bytes]) -> UploadResult:
-        """Receive the body of ``upload_id`` from ``chunks``, replacing any earlier body.
+    async def write_upload(
+        self, upload_id: str, by: str, chunks: AsyncIterable[bytes]
+    ) -> UploadResult:
+        """Receive the body of ``upload_id`` (an upload of ``by``), replacing any earlier one.
 
-        The body goes to a temp file that becomes the upload only once complete; if
-        ``chunks`` fails (a client disconnect) or the task is cancelled, it is removed at once.
+        A body that fails (a client disconnect, a cancelled task, a full disk or store)
+        leaves nothing behind, and the upload is abandoned at once.
         """
-        target = self._upload_path(upload_id)
-        await self._run(partial(self._touch_upload, upload_id))
-        # No directory fsync: recover() drops a row whose body a crash lost.
-        temp = AtomicFile(target, temp_dir=self.tmp_dir, sync_dir=False)
-        self._writing[upload_id] += 1
+        _check_upload_id(upload_id)
+        await self.database.start_receiving(upload_id, by)
+        key = f"uploads/{upload_id}.{secrets.token_hex(4)}"
+        body: Body | None = None
         try:
-            try:
-                async with temp:
-                    result = await self._receive(temp, chunks)
-                    with anyio.CancelScope(shield=True):
-                        async with self._lock:
-                            # The upload may have been deleted or published meanwhile.
-                            await self._run(partial(self._upload_row, upload_id))
-                            await anyio.to_thread.run_sync(temp.publish)
-                            await self._run(partial(self._finish_upload, upload_id, result))
-            except OSError as exc:
-                msg = f"cannot store the upload: {exc.strerror or exc}"
-                raise StorageError(msg) from exc
+            body = await self.blobs.write(key, self._touching(upload_id, chunks))
         except BaseException:
-            if not temp.published:
-                # A body cut off (client gone, task cancelled, disk full) abandons the upload.
-                with anyio.CancelScope(shield=True):
-                    await self._delete_upload(upload_id)
+            # A body cut off abandons the upload (SPEC §5).
+            with anyio.CancelScope(shield=True):
+                await self._abandon(upload_id)
             raise
-        finally:
-            self._writing[upload_id] -= 1
-            if not self._writing[upload_id]:
-                del self._writing[upload_id]
-        return result
-
-    @staticmethod
-    async def _receive(temp: AtomicFile, chunks: AsyncIterable[bytes]) -> UploadResult:
-        digest = hashlib.sha256()
-        size = 0
-        buffer = bytearray()
-        async for chunk in chunks:
-            buffer += chunk
-            if len(buffer) >= _WRITE_SIZE:
-                await anyio.to_thread.run_sync(_write_hashed, temp.file, digest, buffer)
-                size += len(buffer)
-                buffer = bytearray()
-        await anyio.to_thread.run_sync(_write_hashed, temp.file, digest, buffer)
-        size += len(buffer)
-        return UploadResult(size, digest.hexdigest())
-
-    @staticmethod
-    def _touch_upload(upload_id: str, db: sqlite3.Connection) -> None:
-        cursor = db.execute(
-            "UPDATE uploads SET touched_at = ? WHERE id = ?", (time.time(), upload_id)
-        )
-        if cursor.rowcount == 0:
-            msg = f"upload {upload_id} not found"
-            raise NotFoundError(msg)
-
-    @staticmethod
-    def _finish_upload(upload_id: str, result: UploadResult, db: sqlite3.Connection) -> None:
-        db.execute(
-            "UPDATE uploads SET size = ?, sha256 = ?, touched_at = ? WHERE id = ?",
-            (result.size, result.sha256, time.time(), upload_id),
-        )
-
-    async def delete_upload(self, upload_id: str) -> None:
-        """Abandon ``upload_id``: its row and body go at once; NotFoundError if unknown."""
-        self._upload_path(upload_id)
         with anyio.CancelScope(shield=True):
-            deleted = await self._delete_upload(upload_id)
-        if not deleted:
+            exists, stale = await self.database.finish_receiving(
+                upload_id, (body.key, body.size, body.sha256)
+            )
+            if stale is not None:
+                await self._delete_quietly(stale)
+        if not exists:
             msg = f"upload {upload_id} not found"
             raise NotFoundError(msg)
+        return UploadResult(body.size, body.sha256)
 
-    async def _delete_upload(self, upload_id: str) -> bool:
-        def delete(db: sqlite3.Connection) -> bool:
-            return db.execute("DELETE FROM uploads WHERE id = ?", (upload_id,)).rowcount > 0
+    async def _touching(self, upload_id: str, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        touched = time.monotonic()
+        async for chunk in chunks:
+            if time.monotonic() - touched > _TOUCH_INTERVAL:
+                await self.database.touch_upload(upload_id)
+                touched = time.monotonic()
+            yield chunk
 
-        async with self._lock:
-            deleted = await self._run(delete)
-            await _remove(self.uploads_dir / upload_id)
-        return deleted
+    async def _abandon(self, upload_id: str) -> None:
+        try:
+            key = await self.database.delete_upload(upload_id, None)
+        except NotFoundError:
+            return
+        if key is not None:
+            await self._delete_quietly(key)
+
+    async def delete_upload(self, upload_id: str, by: str) -> None:
+        """Abandon ``upload_id``: its row and body go at once; NotFoundError if unknown."""
+        _check_upload_id(upload_id)
+        with anyio.CancelScope(shield=True):
+            key = await self.database.delete_upload(upload_id, by)
+            if key is not None:
+                await self._delete_quietly(key)
 
     async def remove_expired_uploads(self, ttl: float) -> int:
-        """Remove uploads untouched for ``ttl`` seconds and not receiving a body; return count."""
-        cutoff = time.time() - ttl
-        busy = set(self._writing)
-
-        def expire(db: sqlite3.Connection) -> list[str]:
-            rows = db.execute("SELECT id FROM uploads WHERE touched_at < ?", (cutoff,))
-            expired = [row[0] for row in rows if row[0] not in busy]
-            db.executemany("DELETE FROM uploads WHERE id = ?", [(i,) for i in expired])
-            return expired
-
+        """Remove uploads untouched for ``ttl`` seconds, with their data; return how many."""
         with anyio.CancelScope(shield=True):
-            async with self._lock:
-                expired = await self._run(expire)
-                for upload_id in expired:
-                    await _remove(self.uploads_dir / upload_id)
+            expired = await self.database.remove_expired_uploads(time.time() - ttl)
+            for _, key in expired:
+                if key is not None:
+                    await self._delete_quietly(key)
         return len(expired)
 
-    def recover(self, upload_ttl: float) -> None:
-        """Bring files and rows back in line after a crash or stop; blocking, call at start."""
-        for path in self.tmp_dir.iterdir():
-            _unlink(path)
-        cutoff = time.time() - upload_ttl
+    async def collect_garbage(self, ttl: float) -> int:
+        """Remove what crashes left: stale writes, and objects no row refers to; return count.
 
-        def scan(db: sqlite3.Connection) -> tuple[set[str], set[str]]:
-            db.execute("DELETE FROM uploads WHERE touched_at < ?", (cutoff,))
-            # A row that claims a body whose file is gone cannot be published any more.
-            for (upload_id,) in db.execute("SELECT id FROM uploads WHERE size IS NOT NULL"):
-                if not (self.uploads_dir / upload_id).exists():
-                    db.execute("DELETE FROM uploads WHERE id = ?", (upload_id,))
-            uploads = {
-                row[0] for row in db.execute("SELECT id FROM uploads WHERE size IS NOT NULL")
-            }
-            etags = {row[0] for row in db.execute("SELECT etag FROM resources")}
-            return uploads, etags
-
-        uploads, etags = self._transaction(scan)
-        for path in self.uploads_dir.iterdir():
-            if path.name not in uploads:
-                _unlink(path)
-        for path in self.blobs_dir.iterdir():
-            if path.name not in etags:
-                _unlink(path)
+        Safe while other hubs work on the same store: an object is kept while its upload
+        exists (its row may not point at it yet) or any row refers to it.
+        """
+        # Upload ids first, references second: a publish that commits in between has
+        # moved its object from the first set into the second.
+        upload_ids = await self.database.upload_ids()
+        referenced = await self.database.referenced_objects()
+        removed = await self.blobs.stale_writes(upload_ids, time.time() - ttl)
+        for key in await self.blobs.keys():
+            owner = key.removeprefix("uploads/").partition(".")[0]
+            if key in referenced or (key.startswith("uploads/") and owner in upload_ids):
+                continue
+            await self.blobs.delete(key)
+            removed += 1
+        return removed
 
     # -- archive keys ----------------------------------------------------------------------
 
     async def put_key(self, key_id: str, key: bytes) -> bool:
         """Store ``key`` under ``key_id``, replacing any earlier one; return whether it is new."""
-
-        def put(db: sqlite3.Connection) -> bool:
-            exists = db.execute("SELECT 1 FROM keys WHERE key_id = ?", (key_id,)).fetchone()
-            db.execute(
-                "INSERT INTO keys (key_id, key, created_at) VALUES (?, ?, ?)"
-                " ON CONFLICT (key_id) DO UPDATE SET key = excluded.key,"
-                " created_at = excluded.created_at",
-                (key_id, key, time.time()),
-            )
-            return exists is None
-
-        return await self._run(put)
+        return await self.database.put_key(key_id, key)
 
     async def get_key(self, key_id: str) -> bytes:
         """Return the key registered under ``key_id`` or raise NotFoundError."""
-        row = await self._run(
-            lambda db: db.execute("SELECT key FROM keys WHERE key_id = ?", (key_id,)).fetchone()
-        )
-        if row is None:
-            msg = f"key {key_id} not found"
-            raise NotFoundError(msg)
-        return bytes(row[0])
+        return await self.database.get_key(key_id)
+
+
+_EMPTY_SHA256 = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
