@@ -127,13 +127,14 @@ class BlobClient:
         ``CDN_ATTEMPTS`` attempts in a row that fail; one that makes progress resets the count.
         """
         position = start
+        shown = _without_query(url)  # a presigned URL's query is a credential
         while True:
             began = position
             try:
                 async for attempt in retrying(_RetryableError, CDN_ATTEMPTS):
                     with attempt:
                         if attempt.num > 1:
-                            logger.warning("CDN read of %s failed; resuming at %d", url, position)
+                            logger.warning("CDN read of %s failed; resuming at %d", shown, position)
                         async with contextlib.aclosing(self._attempt(url, position, end)) as body:
                             async for chunk in body:
                                 position += len(chunk)
@@ -141,7 +142,7 @@ class BlobClient:
             except _RetryableError as exc:
                 if position > began:
                     continue  # these attempts made progress: a fresh budget for the rest
-                msg = f"CDN read of {url} failed after {CDN_ATTEMPTS} attempts: {exc}"
+                msg = f"CDN read of {shown} failed after {CDN_ATTEMPTS} attempts: {exc}"
                 raise UpstreamError(msg) from exc
             return
 
@@ -234,8 +235,10 @@ class BlobClient:
             msg = f"CDN forbids GET {response.url.path}"
             raise ForbiddenError(msg)
         if status == 404:
+            # The upstream just said the resource exists: a CDN without it is failing (502).
+            self._metrics.upstream_error("blob")
             msg = f"not found at the CDN: {response.url.path}"
-            raise NotFoundError(msg)
+            raise UpstreamError(msg)
         self._metrics.upstream_error("blob")
         msg = f"CDN answered {status} to GET {response.url.path}"
         raise UpstreamError(msg)
@@ -243,6 +246,10 @@ class BlobClient:
     def _invalid(self, msg: str) -> InvalidUpstreamDataError:
         self._metrics.upstream_error("invalid")
         return InvalidUpstreamDataError(msg)
+
+
+def _without_query(url: str) -> str:
+    return url.partition("?")[0]
 
 
 def _content_range(value: str | None) -> tuple[int, int | None]:

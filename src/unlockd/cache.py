@@ -64,6 +64,9 @@ class BigPartReader(Protocol):
 
     source: str  # "cache", "download" or "cdn" (where the bytes come from now), for logs
 
+    async def ready(self, offset: int, length: int) -> None:
+        """Wait until ``length`` bytes at ``offset`` can be read without waiting (or failing)."""
+
     async def readinto(self, view: memoryview, offset: int) -> None:
         """Fill ``view`` with the big-part bytes at ``offset``."""
 
@@ -93,7 +96,7 @@ class BigPartCache:
         self._metrics = metrics
         self._task_group: TaskGroup | None = None
         self._fetches: dict[str, _Fetch] = {}
-        directory.mkdir(parents=True, exist_ok=True)
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         for stale in directory.glob(f".*{TEMP_SUFFIX}"):
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
@@ -111,38 +114,49 @@ class BigPartCache:
 
         Raises ConflictError when one is being read or downloaded: it stays.
         """
-        dropped = 0
-        for entry in await self.entries():
-            if (entry.folder, entry.filename) != (folder, filename):
-                continue
-            removed = entry.etag not in self._fetches and await anyio.to_thread.run_sync(
-                self.files.remove, entry.etag
-            )
-            if not removed:
-                msg = f"{folder}/{filename} is being read or downloaded; try again later"
-                raise ConflictError(msg)
-            dropped += 1
-        return dropped
+        entries = [e for e in await self.entries() if (e.folder, e.filename) == (folder, filename)]
+        busy = f"{folder}/{filename} is being read or downloaded; try again later"
+        if any(e.etag in self._fetches for e in entries):
+            raise ConflictError(busy)
+        for entry in entries:
+            if not await anyio.to_thread.run_sync(self.files.remove, entry.etag):
+                raise ConflictError(busy)
+        return len(entries)
 
-    async def sweep(self, reserve: int = 0) -> None:
-        """Remove superseded versions and the least recently used entries, to stay in limits.
+    async def sweep(self, reserve: int = 0) -> bool:
+        """Remove the least recently used entries to stay within the limits; tell if it fits.
 
-        ``reserve`` bytes are kept free on top, for a download about to start.
+        ``reserve`` bytes are made room for on top (a download about to start, and the rest of
+        those in progress). False, with nothing removed, when the limits cannot make room for
+        them even with the cache empty. A disk that cannot be read is logged, and counts as
+        room: the download's own writes will tell.
         """
-        max_bytes = None if self.max_bytes is None else max(self.max_bytes - reserve, 0)
-        removed = await anyio.to_thread.run_sync(
-            functools.partial(
-                self.files.sweep,
-                max_bytes=max_bytes,
-                min_free=self.min_free + reserve,
-                keep=frozenset(self._fetches),
+        try:
+            removed = await anyio.to_thread.run_sync(
+                functools.partial(
+                    self.files.sweep,
+                    max_bytes=self.max_bytes,
+                    min_free=self.min_free,
+                    keep=frozenset(self._fetches),
+                    reserve=reserve,
+                )
             )
-        )
-        for entry in removed:
-            logger.info(
-                "cache: removed %s/%s (etag %s, %d bytes)",
-                entry.folder, entry.filename, entry.etag, entry.size,
-            )  # fmt: skip
+        except OSError as exc:
+            logger.warning("cannot apply the cache limits: %s", exc.strerror or exc)
+            return True
+        if removed is None:
+            return False
+        _log_removed(removed)
+        return True
+
+    async def _remove_superseded(self, etag: str, name: tuple[str, str]) -> None:
+        """Remove the other versions of ``name`` now that ``etag`` is cached (if not in use)."""
+        try:
+            removed = await anyio.to_thread.run_sync(self.files.remove_superseded, *name, etag)
+        except OSError as exc:
+            logger.warning("cannot remove superseded cache entries: %s", exc.strerror or exc)
+            return
+        _log_removed(removed)
 
     def writable(self) -> bool:
         """Tell whether an entry could be written now (for readiness checks)."""
@@ -161,7 +175,7 @@ class BigPartCache:
         fails over to the CDN again.
         """
         if (fetch := self._fetches.get(etag)) is not None:
-            fetch.poisoned = True
+            fetch.poison()
         await self._discard(etag)
 
     async def _discard(self, etag: str) -> None:
@@ -208,30 +222,36 @@ class BigPartCache:
 
     async def _open_entry(self, etag: str, size: int, fetch: FetchFunction) -> BigPartReader | None:
         """A reader of the published entry, or None if there is no usable one."""
+        fd, actual = await anyio.to_thread.run_sync(self._open_file, etag, size)
+        if fd is not None:
+            return _FileReader(self, etag, fetch, size, fd)
+        if actual is not None and actual != size:
+            logger.warning("cache entry %s has the wrong size; removing it", etag)
+            # Only the file: a download of the same etag in progress is not to blame.
+            await self._discard(etag)
+        return None
+
+    def _open_file(self, etag: str, size: int) -> tuple[int | None, int | None]:
+        """Open, check and lock the entry (blocking); ``(fd or None, its size or None)``."""
         try:
             fd = os.open(self.path(etag), os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            return None
+            return None, None
         except OSError as exc:
             logger.warning("cannot read cache entry %s: %s", etag, exc.strerror)
-            return None
+            return None, None
         try:
             actual = os.fstat(fd).st_size
         except OSError as exc:
-            actual = None
             logger.warning("cannot stat cache entry %s: %s", etag, exc.strerror)
+            os.close(fd)
+            return None, None
+        # Locked while read (until closed): eviction and `unlockd cache prune` pass it by.
         if actual == size and hold_shared(fd):
-            # In use from now on (until closed): eviction and `unlockd cache prune` pass it by.
             self.files.touch(etag)
-            return _FileReader(self, etag, fetch, size, fd)
-        os.close(fd)
-        if actual == size:
-            return None  # being removed right now: a miss
-        if actual is not None:
-            logger.warning("cache entry %s has the wrong size; removing it", etag)
-        # Only the file: a download of the same etag in progress is not to blame.
-        await self._discard(etag)
-        return None
+            return fd, actual
+        os.close(fd)  # the wrong size, or being removed right now: a miss
+        return None, actual
 
     def _start(self, etag: str, size: int, fetch: FetchFunction, name: tuple[str, str]) -> _Fetch:
         if self._task_group is None:
@@ -244,6 +264,16 @@ class BigPartCache:
         # The download belongs to the cache, not to the request that started it.
         self._task_group.start_soon(entry.run, name=f"fetch {etag}")
         return entry
+
+    def reserved(self) -> int:
+        """Bytes the downloads in progress still have to write."""
+        return sum(fetch.remaining() for fetch in self._fetches.values())
+
+    async def wait_cached(self, etag: str) -> bool:
+        """Wait for the download of ``etag`` (if any) to end; tell whether the entry is cached."""
+        if (fetch := self._fetches.get(etag)) is not None:
+            await fetch.ended.wait()
+        return await anyio.to_thread.run_sync(self.path(etag).exists)
 
     def _forget(self, entry: _Fetch) -> None:
         if self._fetches.get(entry.etag) is entry:
@@ -303,7 +333,11 @@ class _Fetch:
         self.size = size
         self.fetch = fetch
         self.temp = temp
-        self.fd = temp.fd
+        # Our own descriptor of the temp file, open as long as the download is known: readers
+        # dup it (publish closes temp.fd), and its shared lock keeps the entry from eviction
+        # while any of them reads, before and after it is published.
+        self.fd = os.dup(temp.fd)
+        hold_shared(self.fd)
         part_size = cache.part_size
         self._part_size = part_size
         count = max(1, -(-size // part_size))
@@ -312,6 +346,7 @@ class _Fetch:
         self._written = [0] * count
         self.error: BaseException | None = None
         self.poisoned = False
+        self.ended = anyio.Event()  # set once the download is over, published or not
         self.readers = 0
         self._changed = anyio.Event()
         self._scope = anyio.CancelScope()
@@ -324,15 +359,26 @@ class _Fetch:
             with self._scope:
                 try:
                     files, (folder, filename) = self.cache.files, self.name
-                    files.write_meta(self.fd, self.etag, folder, filename, cached=False)
-                    await self.cache.sweep(reserve=self.size)
+                    await anyio.to_thread.run_sync(
+                        functools.partial(
+                            files.write_meta, self.fd, self.etag, folder, filename, cached=False
+                        )
+                    )
+                    await self._make_room()
                     if self.size:
                         async with anyio.create_task_group() as tg:
                             for _ in range(min(self.cache.connections, len(self._written))):
                                 tg.start_soon(self._worker)
+                    if self.poisoned:
+                        msg = "the big part failed authentication; not cached"
+                        raise UpstreamError(msg)  # noqa: TRY301 - stored for the readers
                     await anyio.to_thread.run_sync(self.temp.publish)
                     published = True
-                    files.write_meta(self.temp.target, self.etag, folder, filename, cached=True)
+                    await anyio.to_thread.run_sync(
+                        functools.partial(
+                            files.write_meta, self.fd, self.etag, folder, filename, cached=True
+                        )
+                    )
                     await self._unpublish_if_poisoned()
                 except Exception as exc:  # noqa: BLE001 - stored for the readers, who raise it
                     self._fail(_leaf(exc))
@@ -342,11 +388,21 @@ class _Fetch:
                 self.error = UpstreamError("download of the big part was cancelled")
             self._notify()
             with anyio.CancelScope(shield=True):
-                if not published:
-                    await anyio.to_thread.run_sync(self.temp.discard)
-                else:
-                    # A superseded version goes once the new one is complete; then the limits.
-                    await self.cache.sweep()
+                try:
+                    if not published:
+                        await anyio.to_thread.run_sync(self.temp.discard)
+                    elif not self.poisoned:
+                        # A superseded version goes once the new one is complete; then limits.
+                        await self.cache._remove_superseded(self.etag, self.name)  # noqa: SLF001
+                        await self.cache.sweep()
+                finally:
+                    os.close(self.fd)  # readers keep their own duplicates (and the lock)
+                    self.ended.set()
+
+    async def _make_room(self) -> None:
+        if not await self.cache.sweep(reserve=self.cache.reserved()):
+            msg = f"no room in the cache for {self.size} bytes within its limits"
+            raise _CacheWriteError(msg)
 
     async def _unpublish_if_poisoned(self) -> None:
         # evict() may have run while the rename was in a thread: the entry is not to be used.
@@ -400,6 +456,16 @@ class _Fetch:
         self.cache._forget(self)  # noqa: SLF001 - the cache's own helper
         self._scope.cancel()
 
+    def poison(self) -> None:
+        """Never publish this download; stop it once nobody reads from it."""
+        self.poisoned = True
+        if self.readers == 0:
+            self.cancel()
+
+    def remaining(self) -> int:
+        """Bytes still to be written."""
+        return self.size - sum(self._written)
+
     # -- readers -------------------------------------------------------------------
 
     def _notify(self) -> None:
@@ -438,6 +504,8 @@ class _Fetch:
     def detach(self) -> None:
         # The download goes on without readers: what it fetched warms the cache.
         self.readers -= 1
+        if self.readers == 0 and self.poisoned:
+            self.cancel()
 
 
 class _FileReader:
@@ -453,6 +521,9 @@ class _FileReader:
         self._size = size
         self._fd: int | None = fd
         self._fallback: _StreamReader | None = None
+
+    async def ready(self, offset: int, length: int) -> None:
+        pass  # a published entry is all there
 
     async def readinto(self, view: memoryview, offset: int) -> None:
         if self._fallback is None:
@@ -493,6 +564,16 @@ class _FetchReader:
         self._fetch: _Fetch | None = fetch
         self._fd: int | None = fd
         self._fallback: _StreamReader | None = None
+
+    async def ready(self, offset: int, length: int) -> None:
+        fetch = self._fetch
+        while (
+            self._fallback is None
+            and fetch is not None
+            and fetch.error is None
+            and fetch.available(offset, length) < length
+        ):
+            await fetch.wait(offset)
 
     async def readinto(self, view: memoryview, offset: int) -> None:
         if self._fallback is not None:
@@ -556,6 +637,9 @@ class _StreamReader:
         self._position = 0
         self._rest = memoryview(b"")
 
+    async def ready(self, offset: int, length: int) -> None:
+        pass  # a stream is read as it comes
+
     async def readinto(self, view: memoryview, offset: int) -> None:
         if self._stream is None or offset != self._position:
             await self.aclose()
@@ -580,6 +664,14 @@ class _StreamReader:
         self._rest = memoryview(b"")
         if stream is not None:
             await stream.aclose()
+
+
+def _log_removed(removed: list[CacheEntry]) -> None:
+    for entry in removed:
+        logger.info(
+            "cache: removed %s/%s (etag %s, %d bytes)",
+            entry.folder, entry.filename, entry.etag, entry.size,
+        )  # fmt: skip
 
 
 def _pwritev(fd: int, buffers: list[bytes], offset: int) -> int:

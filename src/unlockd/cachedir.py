@@ -135,10 +135,26 @@ class CacheDirectory:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 return False  # in use
-            path.unlink(missing_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                # Only the file that was locked: not a new one published under the same name.
+                if path.stat().st_ino == os.fstat(fd).st_ino:
+                    path.unlink()
             return True
         finally:
             os.close(fd)
+
+    def remove_superseded(self, folder: str, filename: str, current: str) -> list[CacheEntry]:
+        """Remove the other cached versions of ``folder/filename`` than ``current``, if unused."""
+        if not folder:
+            return []  # an entry without a name is never "the same resource" as another
+        return [
+            entry
+            for entry in self.entries()
+            if entry.complete
+            and (entry.folder, entry.filename) == (folder, filename)
+            and entry.etag != current
+            and self.remove(entry.etag)
+        ]
 
     def sweep(
         self,
@@ -146,34 +162,31 @@ class CacheDirectory:
         max_bytes: int | None = None,
         min_free: int = 0,
         keep: frozenset[str] = frozenset(),
-    ) -> list[CacheEntry]:
-        """Remove superseded versions, then least recently used entries until within limits.
+        reserve: int = 0,
+    ) -> list[CacheEntry] | None:
+        """Remove least recently used entries until within limits, with ``reserve`` bytes spare.
 
-        An entry superseded by a newer complete version of the same ``folder/filename`` goes
-        first; then, oldest use first, entries until the total is at most ``max_bytes`` and
-        the filesystem has ``min_free`` bytes free. Entries in use, and the etags in ``keep``
-        (downloads in progress), stay. Returns what was removed.
+        Oldest use first, entries go until the total (``reserve`` included) is at most
+        ``max_bytes`` and the filesystem has ``min_free`` + ``reserve`` bytes free. Entries in
+        use, and the etags in ``keep`` (downloads in progress), stay. Returns what was removed,
+        or None, removing nothing, when even removing every entry could not make room.
         """
         entries = [e for e in self.entries() if e.complete and e.etag not in keep]
-        newest: dict[tuple[str, str], CacheEntry] = {}
-        for entry in entries:
-            key = (entry.folder, entry.filename)
-            if key not in newest or (entry.cached_at or 0) > (newest[key].cached_at or 0):
-                newest[key] = entry
-        removed = [
-            entry
-            for entry in entries
-            if newest[(entry.folder, entry.filename)] is not entry and self.remove(entry.etag)
-        ]
-        left = sorted((e for e in entries if e not in removed), key=lambda e: e.last_used)
-        total = sum(e.size for e in left)
-        for entry in left:
-            free = self.free_bytes()
-            if (max_bytes is None or total <= max_bytes) and free >= min_free:
+        total = sum(e.size for e in entries) + reserve
+        free = self.free_bytes()
+        evictable = sum(e.size for e in entries)
+        if (max_bytes is not None and reserve > max_bytes) or (
+            free + evictable < min_free + reserve
+        ):
+            return None
+        removed = []
+        for entry in sorted(entries, key=lambda e: e.last_used):
+            if (max_bytes is None or total <= max_bytes) and free >= min_free + reserve:
                 break
             if self.remove(entry.etag):
                 removed.append(entry)
                 total -= entry.size
+                free = self.free_bytes()
         return removed
 
     def free_bytes(self) -> int:
@@ -217,6 +230,9 @@ def cache_command(args: argparse.Namespace) -> int:
     Safe while a sidecar serves from the same directory: entries being read stay.
     """
     directory = Path(args.cache_dir).expanduser()
+    if getattr(args, "max_bytes", None) is not None and args.max_bytes < 0:
+        msg = f"--max-bytes: expected a byte count >= 0, got {args.max_bytes}"
+        raise InvalidInputError(msg)
     if not directory.is_dir():
         msg = f"no cache directory at {directory}"
         raise InvalidInputError(msg)
@@ -233,7 +249,17 @@ def cache_command(args: argparse.Namespace) -> int:
         out.write(f"{len(entries)} entries, {total} bytes, {cache.free_bytes()} bytes free\n")
         return 0
     in_progress = frozenset(e.etag for e in cache.entries() if not e.complete)
-    removed = cache.sweep(max_bytes=args.max_bytes, keep=in_progress)
+    names = {(e.folder, e.filename) for e in cache.entries() if e.complete and e.folder}
+    removed = []
+    for folder, filename in sorted(names):
+        versions = [
+            e
+            for e in cache.entries()
+            if e.complete and (e.folder, e.filename) == (folder, filename)
+        ]
+        newest = max(versions, key=lambda e: e.cached_at or 0)
+        removed += cache.remove_superseded(folder, filename, newest.etag)
+    removed += cache.sweep(max_bytes=args.max_bytes, keep=in_progress) or []
     for entry in removed:
         out.write(f"removed {entry.folder}/{entry.filename}  {entry.size}  {entry.etag}\n")
     out.write(f"{len(removed)} entries removed, {sum(e.size for e in removed)} bytes freed\n")

@@ -13,7 +13,7 @@ import enum
 import logging
 from typing import TYPE_CHECKING, Any
 
-from unlockd.errors import NotFoundError, UnlockdError
+from unlockd.errors import NotFoundError, StorageError, UnlockdError
 
 if TYPE_CHECKING:
     from anyio.abc import TaskGroup
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 __all__ = ["Pull", "PullState", "Pulls"]
 
 logger = logging.getLogger(__name__)
+
+_REMEMBERED = 1000  # pulls whose state can still be asked for
 
 
 class PullState(enum.StrEnum):
@@ -73,7 +75,11 @@ class Pulls:
         if (pull := self._pulls.get(key)) is not None and pull.state.running:
             return pull
         pull = Pull(folder, filename)
+        self._pulls.pop(key, None)
         self._pulls[key] = pull
+        while len(self._pulls) > _REMEMBERED:  # the oldest finished ones go first
+            oldest = next(k for k, p in self._pulls.items() if not p.state.running)
+            del self._pulls[oldest]
         self._task_group.start_soon(self._run, pull, name=f"pull {folder}/{filename}")
         return pull
 
@@ -86,15 +92,7 @@ class Pulls:
 
     async def _run(self, pull: Pull) -> None:
         try:
-            download = await self._transfers.open_download(pull.folder, pull.filename)
-            try:
-                pull.bytes_total = download.size
-                if download.source == "cache":
-                    pull.state = PullState.VERIFYING
-                async for chunk in download:
-                    pull.bytes_done += len(chunk)
-            finally:
-                await download.aclose()
+            await self._pull(pull)
         except UnlockdError as exc:
             pull.state, pull.detail = PullState.ERROR, exc.message
             logger.warning("pull of %s/%s failed: %s", pull.folder, pull.filename, exc.message)
@@ -105,3 +103,20 @@ class Pulls:
         else:
             pull.state = PullState.COMPLETE
             logger.info("pull of %s/%s complete", pull.folder, pull.filename)
+
+    async def _pull(self, pull: Pull) -> None:
+        download = await self._transfers.open_download(pull.folder, pull.filename)
+        try:
+            pull.bytes_total = download.size
+            if download.source == "cache":
+                pull.state = PullState.VERIFYING
+            async for chunk in download:
+                pull.bytes_done += len(chunk)
+        finally:
+            await download.aclose()
+        # Authenticated is not yet cached: the entry may still be syncing to disk, or may not
+        # be kept (a read-only cache, an entry larger than the cache may hold).
+        cache = self._transfers.cache
+        if download.resource.big_size and not await cache.wait_cached(download.etag):
+            msg = "every segment authenticated, but the cache did not keep the entry"
+            raise StorageError(msg)

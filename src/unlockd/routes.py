@@ -14,6 +14,7 @@ from starlette.routing import Route
 from unlockd.errors import (
     CiphertextError,
     InvalidInputError,
+    NotAuthenticatedError,
     NotFoundError,
     UnlockdError,
     UpstreamError,
@@ -224,9 +225,12 @@ async def pull(request: Request) -> JSONResponse:
     """POST starts a background fetch into the cache (or joins it); GET shows its state."""
     folder = validate_name(request.path_params["folder"], "folder")
     filename = validate_name(request.path_params["filename"], "filename")
-    pulls = request.app.state.pulls
+    state = request.app.state
     if request.method == "POST":
-        return JSONResponse(pulls.start(folder, filename).to_json(), status_code=202)
+        if state.api.email is None:
+            raise NotAuthenticatedError("not logged in: POST /login first")
+        return JSONResponse(state.pulls.start(folder, filename).to_json(), status_code=202)
+    pulls = state.pulls
     return JSONResponse(pulls.get(folder, filename).to_json())
 
 

@@ -105,10 +105,16 @@ class _Segments:
         """Read, authenticate and decrypt the next segment; return all its plaintext."""
         index = self.index
         start, end = self._layout.segment_bounds(index, self._size)
+        small = self._small
+        if end > len(small):
+            # Not holding a buffer while a slow download brings the bytes: a waiting reader
+            # costs nothing but its place in the queue.
+            assert self._reader is not None
+            big_start = max(start, len(small))
+            await self._reader.ready(big_start - len(small), end - big_start)
         buffer = self._buffers.get()
         try:
             view = buffer[: end - start]
-            small = self._small
             if start < len(small):
                 n = min(end, len(small)) - start
                 view[:n] = small[start : start + n]
@@ -236,8 +242,9 @@ class Transfers:
             if isinstance(exc, InvalidUpstreamDataError):
                 raise
             known = self._seen.get((folder, name))
-            if known is None or not await anyio.to_thread.run_sync(
-                self.cache.path(known.etag).exists
+            if known is None or (
+                known.big_size  # a resource all in its small part needs no cache entry
+                and not await anyio.to_thread.run_sync(self.cache.path(known.etag).exists)
             ):
                 raise
             logger.warning(
@@ -330,9 +337,10 @@ class Transfers:
                         position += len(chunk)
                         renewed = False
                         yield chunk
-                except ForbiddenError:
+                except ForbiddenError as exc:
                     if renewed:
-                        raise
+                        msg = "the CDN refused the big part even with a fresh URL"
+                        raise UpstreamError(msg) from exc
                     # Same etag, same bytes: only the URL's signature ran out (SPEC §10).
                     fresh = await self.api.get_resource(info.folder, info.name)
                     if fresh.etag != info.etag:

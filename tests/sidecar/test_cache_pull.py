@@ -144,8 +144,8 @@ def test_pull_corrupted_blob_ends_in_error_without_entry(logged_in):
         client.post("/pull/models/m.bin")
         eventually(lambda: client.get("/pull/models/m.bin").json()["state"] == "error")
         assert "authentication" in client.get("/pull/models/m.bin").json()["detail"]
+    eventually(lambda: _complete(logged_in) == [])
     _settled(logged_in)
-    assert _complete(logged_in) == []
 
 
 def test_pull_bad_input_and_unknown(logged_in):
@@ -169,7 +169,9 @@ def test_offline_cached_entry_served_with_hub_stopped(tmp_path, hub_app):
         client.post("/login", json={"email": PUBLISHER.email, "password": PUBLISHER.password})
         client.post("/upload/m.bin", files={"data": ("m.bin", data)})
         client.post("/upload/other.bin", files={"data": ("other.bin", data)})
+        client.post("/upload/tiny.json", files={"data": ("tiny.json", b"{}")})
         assert client.post("/load/m.bin").content == data
+        assert client.post("/load/tiny.json").content == b"{}"
         eventually(lambda: not any(p.name.startswith(".") for p in settings.cache_dir.iterdir()))
         hub.__exit__(None, None, None)
         assert client.post("/load/m.bin").content == data
@@ -177,8 +179,10 @@ def test_offline_cached_entry_served_with_hub_stopped(tmp_path, hub_app):
             client.get("/resources/models/m.bin", headers={"range": "bytes=5-9"}).content
             == (data[5:10])
         )
+        # All in its small part, nothing to cache: the remembered metadata is enough.
+        assert client.post("/load/tiny.json").content == b"{}"
         assert client.post("/load/other.bin").status_code == 502  # never served: unknown
-        assert "unlockd_offline_loads_total 2.0" in client.get("/metrics").text
+        assert "unlockd_offline_loads_total 3.0" in client.get("/metrics").text
 
 
 def test_cache_cli_list_and_prune_leave_entries_in_use(logged_in):
@@ -256,3 +260,39 @@ def test_cache_min_free_evicts_to_keep_space(tmp_path, make_stack, small_filesys
         names = [e["filename"] for e in _complete(stack)]
         assert names == ["b.bin", "c.bin"]  # a.bin went to keep 10 MiB of 24 free
         assert CacheDirectory(cache_dir).free_bytes() >= 10 * MIB
+
+
+def test_cache_dir_created_private(tmp_path, make_stack):
+    """A cache directory the sidecar creates is 0700, and its entries 0600."""
+    with make_stack(tmp_path, cache_dir=tmp_path / "new" / "cache") as stack, stack.client() as c:
+        stack.login(c)
+        stack.upload(c, "m.bin", _data(MIB))
+        c.post("/load/m.bin")
+        _settled(stack)
+        assert stack.cache_dir.stat().st_mode & 0o777 == 0o700
+        (entry,) = stack.cache_dir.iterdir()
+        assert entry.stat().st_mode & 0o777 == 0o600
+
+
+def test_cache_entry_larger_than_the_cache_streams_uncached(tmp_path, make_stack):
+    """A resource bigger than --cache-max-bytes loads from the CDN and evicts nothing for it."""
+    with make_stack(tmp_path, cache_max_bytes=3 * MIB) as stack, stack.client() as client:
+        stack.login(client)
+        stack.upload(client, "small.bin", _data(MIB, 1))
+        stack.upload(client, "big.bin", _data(4 * MIB, 2))
+        client.post("/load/small.bin")
+        _settled(stack)
+        assert client.post("/load/big.bin").content == _data(4 * MIB, 2)
+        _settled(stack)
+        assert [e["filename"] for e in _complete(stack)] == ["small.bin"]
+        client.post("/pull/models/big.bin")
+        eventually(lambda: client.get("/pull/models/big.bin").json()["state"] == "error")
+        assert "did not keep" in client.get("/pull/models/big.bin").json()["detail"]
+
+
+def test_pull_not_logged_in_401(stack):
+    """A pull before any login is refused up front with 401, not started to fail later."""
+    with stack.client() as client:
+        reply = client.post("/pull/models/m.bin")
+        assert reply.status_code == 401
+        assert client.get("/pull/models/m.bin").status_code == 404

@@ -37,7 +37,7 @@ class HubProbe:
         self.blob_delay = 0.0  # seconds to wait before each blob body message
         self.flip_blob_at: int | None = None  # one-shot: flip the blob byte at this offset
         self.shorten_ranges = 0  # this many range requests are answered with half the range
-        # One-shot faults, first match wins: (method, path prefix, "503", "403" or "cut").
+        # One-shot faults, first match wins: (method, path prefix, "503", "404", "403", "cut").
         self.faults: list[tuple[str, str, str]] = []
 
     def count(self, method: str, prefix: str) -> int:
@@ -53,7 +53,7 @@ class HubProbe:
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         self.requests.append((scope["method"], scope["path"], headers))
         fault = self._fault(scope["method"], scope["path"])
-        if fault in {"503", "403"}:
+        if fault in {"503", "404", "403"}:
             await _refuse(send, int(fault))
             return
         if fault == "cut":

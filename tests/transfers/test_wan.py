@@ -23,7 +23,7 @@ from transfers.support import (
 from unlockd.api_client import ApiClient
 from unlockd.blobs import BlobClient
 from unlockd.cache import BigPartCache
-from unlockd.errors import CiphertextError
+from unlockd.errors import CiphertextError, UpstreamError
 from unlockd.metrics import Metrics
 from unlockd.transfers import Transfers
 
@@ -183,3 +183,26 @@ async def test_wan_parallel_ranges_leave_complete_entry(wan):
     assert len(list(wan.sidecar.cache_dir.iterdir())) == 1
     assert await download(wan.sidecar, "m.bin") == data
     assert len(_parts(wan)) == 6  # served from the cache
+
+
+async def test_wan_blob_missing_at_cdn_is_an_upstream_error(wan):
+    """A CDN that has no blob the API just named fails the load as a 502, not a 404."""
+    data = random_bytes(SIZE)
+    await upload(wan.sidecar, "m.bin", data)
+    wan.probe.faults.append(("GET", "/blobs/", "404"))
+    with pytest.raises(UpstreamError) as caught:
+        await download(wan.sidecar, "m.bin")
+    assert caught.value.status_code == 502
+
+
+async def test_blob_client_errors_never_show_a_url_query():
+    """A presigned URL's query (its signature) appears in no error message."""
+    blobs = BlobClient(Metrics(), stall_timeout=STALL_TIMEOUT)
+    try:
+        with pytest.raises(UpstreamError) as caught:
+            async for _ in blobs.stream("http://127.0.0.1:9/blobs/x?X-Amz-Signature=s3cr3t", 0, 9):
+                pass
+    finally:
+        await blobs.aclose()
+    assert "s3cr3t" not in caught.value.message
+    assert "http://127.0.0.1:9/blobs/x" in caught.value.message
