@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import base64
 import os
+import signal
+import socket
 import sqlite3
+import subprocess
+import sys
 import time
 
 import httpx
 import pytest
 
-from harness import PUBLISHER, READER, Hub
+from harness import PUBLISHER, READER, Hub, eventually
 from unlockd.errors import StorageError
 from unlockd.hub.auth import hash_password
 from unlockd.hub.database import Database
@@ -135,4 +139,63 @@ async def test_database_open_unknown_user_version_schema_one_clear_line(tmp_path
     with sqlite3.connect(path) as db:
         tables = [row[0] for row in db.execute("SELECT name FROM sqlite_master")]
         assert (tables, db.execute("PRAGMA user_version").fetchone()) == (["things"], (3,))
+    db.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_hub_command_old_database_conversion_is_logged(tmp_path):
+    """`unlockd hub` on the old hub's data dir says on stderr that it converted the database."""
+    data_dir = tmp_path / "hub"
+    _old_data_dir(data_dir)
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "unlockd", "hub", "--data-dir", str(data_dir), "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+    def healthy() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+        except httpx.TransportError:
+            return process.poll() is not None  # died: the assertions below say why
+
+    try:
+        eventually(healthy, timeout=30)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, err = process.communicate(timeout=20)
+    assert process.returncode == 0, err
+    assert "converted" in err
+    assert "single-process hub" in err
+
+
+def test_hub_command_old_database_with_s3_blobs_refused_untouched(tmp_path):
+    """The old hub's database is not converted for an S3 store: one line, database untouched."""
+    data_dir = tmp_path / "hub"
+    _old_data_dir(data_dir)
+    environ = {
+        **os.environ,
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{_free_port()}",
+        "AWS_ACCESS_KEY_ID": "id",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+    }
+    command = [sys.executable, "-m", "unlockd", "hub", "--data-dir", str(data_dir)]
+    command += ["--port", "0", "--blobs", "s3://bucket"]
+    result = subprocess.run(
+        command, env=environ, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 1
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "database of the single-process hub" in result.stderr
+    with sqlite3.connect(data_dir / "hub.sqlite3") as db:
+        assert db.execute("PRAGMA user_version").fetchone() == (1,)
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master")}
+        assert "tokens" not in tables
     db.close()

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
+import socket
 import sqlite3
 import stat
 import threading
 
 import pytest
 
-from unlockd.errors import StorageError, UnlockdError
+from unlockd.errors import NotFoundError, StorageError, UnlockdError
 from unlockd.hub.auth import Role
+from unlockd.hub.blobstore import S3Blobs, S3Location
 from unlockd.hub.database import Database
 from unlockd.hub.store import Store, default_blob_store
+
+BY = "pub@example.com"
 
 
 def _schema_version(path):
@@ -123,3 +128,79 @@ async def test_store_file_moves_and_removals_off_event_loop(tmp_path, monkeypatc
     assert {op for op, _ in calls} == {"unlink", "replace"}
     assert [call for call in calls if call[1]] == []
     assert list((tmp_path / "blobs").iterdir()) == list((tmp_path / "uploads").iterdir()) == []
+
+
+async def _body():
+    yield b"x" * 100
+
+
+@pytest.fixture
+async def directory_store(tmp_path):
+    """A store on SQLite and a blob directory under ``tmp_path``, open."""
+    store = Store(Database(tmp_path / "hub.sqlite3"), default_blob_store(tmp_path))
+    await store.open()
+    yield store
+    await store.close()
+
+
+@pytest.mark.parametrize("sent", [True, False], ids=["body", "no-body"])
+async def test_store_publish_blob_directory_synced_before_commit(
+    tmp_path, monkeypatch, directory_store, sent
+):
+    """The published blob's directory entry is fsynced before the commit that refers to it."""
+    store = directory_store
+    events: list[str] = []
+    real_fsync, real_publish = os.fsync, store.database.publish
+
+    def fsync(fd):
+        events.append(str(pathlib.Path(f"/proc/self/fd/{fd}").readlink()))
+        real_fsync(fd)
+
+    async def publish(*args, **kwargs):
+        replaced = await real_publish(*args, **kwargs)
+        events.append("commit")
+        return replaced
+
+    upload_id = await store.create_upload(BY)
+    if sent:
+        await store.write_upload(upload_id, BY, _body())
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(store.database, "publish", publish)
+    await store.publish("models", "m.bin", upload_id, key=bytes(32), small=b"s", by=BY)
+    monkeypatch.undo()
+    blob = await store.get_resource("models", "m.bin")
+    directory = str((tmp_path / blob.object).parent.resolve())
+    assert directory in events[: events.index("commit")]
+
+
+async def test_store_publish_upload_whose_body_is_gone_not_found_and_dropped(
+    tmp_path, directory_store
+):
+    """Publishing an upload whose body file is gone is NotFoundError and drops the upload."""
+    store = directory_store
+    upload_id = await store.create_upload(BY)
+    await store.write_upload(upload_id, BY, _body())
+    (body,) = (tmp_path / "uploads").iterdir()
+    body.unlink()
+    with pytest.raises(NotFoundError, match="body was lost"):
+        await store.publish("models", "m.bin", upload_id, key=bytes(32), small=b"s", by=BY)
+    assert await store.database.upload_ids() == set()
+    with pytest.raises(NotFoundError):
+        await store.get_resource("models", "m.bin")
+
+
+async def test_s3_blobs_unreachable_store_is_a_storage_error():
+    """An S3 store that refuses connections is a StorageError naming the operation."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    environ = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "id",
+        "AWS_SECRET_ACCESS_KEY": "secret",
+    }
+    blobs = S3Blobs(S3Location.parse("s3://bucket", environ), presign_ttl=60)
+    with pytest.raises(StorageError, match="cannot store an empty blob"):
+        await blobs.write_empty("uploads/x")
+    with pytest.raises(StorageError, match="cannot look for a blob"):
+        await blobs.exists("uploads/x")

@@ -204,6 +204,25 @@ def test_hub_start_removes_temp_files_stale_uploads_and_orphan_blobs(tmp_path, s
         assert _upload_ids(data_dir / "uploads") == [fresh]
 
 
+def test_hub_start_drops_uploads_whose_body_was_lost(tmp_path, start_hub):
+    """An upload whose body file a crash lost is gone after a restart: publishing it is a 404."""
+    data_dir = tmp_path / "hub"
+    with start_hub(data_dir) as url:
+        token = httpx.post(f"{url}/auth/login", json=PUBLISHER.body).json()["token"]
+        with httpx.Client(base_url=url, headers={"authorization": f"Bearer {token}"}) as client:
+            lost, kept = (client.post("/uploads").json()["upload_id"] for _ in range(2))
+            client.put(f"/uploads/{lost}", content=b"lost")
+            client.put(f"/uploads/{kept}", content=b"kept")
+    for path in (data_dir / "uploads").iterdir():
+        if path.name.startswith(lost):
+            path.unlink()  # as a power loss takes a rename that was never synced
+
+    with start_hub(data_dir):
+        with sqlite3.connect(data_dir / "hub.sqlite3") as db:
+            assert db.execute("SELECT id FROM uploads").fetchall() == [(kept,)]
+        db.close()
+
+
 @pytest.mark.slow
 def test_put_upload_hundreds_of_mb_streams_in_flat_memory(hub, publisher):
     """A 384 MiB chunked upload and its download keep the process RSS flat."""

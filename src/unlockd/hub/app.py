@@ -43,7 +43,9 @@ def build_store(settings: HubSettings, environ: Mapping[str, str] | None = None)
         if settings.blobs is None
         else open_blob_store(settings.blobs, environ, settings.presign_ttl)
     )
-    return Store(Database(settings.database_url), blobs)
+    # An old hub's database converts only where its blob files are: in a directory.
+    database = Database(settings.database_url, convert_old=isinstance(blobs, DirectoryBlobs))
+    return Store(database, blobs)
 
 
 async def _clean_periodically(store: Store, tokens: TokenStore, upload_ttl: float) -> None:
@@ -80,8 +82,13 @@ def create_hub_app(
         await store.open()
         try:
             await store.remove_expired_uploads(settings.upload_ttl)
-            # Nothing is in flight yet in this process: every temp file of its own is stale.
-            await store.collect_garbage(0)
+            lost = await store.drop_lost_uploads()
+            if lost:
+                logger.warning("dropped %d upload(s) whose body was lost in a crash", lost)
+            # A directory is this process's alone, with nothing in flight yet: every temp file
+            # is stale. A bucket is shared with hubs at work: their young writes are kept.
+            directory = isinstance(store.blobs, DirectoryBlobs)
+            await store.collect_garbage(0 if directory else settings.upload_ttl)
             # Computed once up front so the first unknown-email login is not faster.
             await anyio.to_thread.run_sync(dummy_password_hash)
             app.state.store = store

@@ -5,7 +5,7 @@ Objects have keys ``uploads/{upload_id}.{nonce}`` (a received body) and, in a di
 Both stores write an object whole or not at all: a directory through a temp file and a
 rename, a bucket through a multipart upload that is completed at the end or aborted.
 What a crash leaves behind (temp files, incomplete multipart uploads, objects no row refers
-to) is found by :meth:`BlobStore.stale_writes` and :meth:`BlobStore.keys`.
+to) is found by :meth:`BlobStore.writes` and :meth:`BlobStore.objects`.
 """
 
 from __future__ import annotations
@@ -21,15 +21,23 @@ from typing import TYPE_CHECKING, Any, Protocol
 import anyio
 import anyio.to_thread
 
-from unlockd.errors import InvalidInputError, StorageError
-from unlockd.files import AtomicFile
+from unlockd.errors import InvalidInputError, NotFoundError, StorageError
+from unlockd.files import AtomicFile, sync_directory
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable, AsyncIterator, Iterator, Mapping
 
     from types_aiobotocore_s3 import S3Client
 
-__all__ = ["BlobStore", "Body", "DirectoryBlobs", "S3Blobs", "S3Location", "open_blob_store"]
+__all__ = [
+    "BlobStore",
+    "Body",
+    "DirectoryBlobs",
+    "S3Blobs",
+    "S3Location",
+    "Write",
+    "open_blob_store",
+]
 
 _WRITE_SIZE = 1024 * 1024
 # S3 parts: at least 5 MiB but the last; a few in flight bound the memory of one upload.
@@ -44,6 +52,17 @@ class Body:
     key: str
     size: int
     sha256: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Write:
+    """A write not finished: an S3 multipart upload, or a temp file of a directory."""
+
+    name: str
+    started: float  # seconds since the epoch
+    # The upload it is the body of; None when nothing tells (a temp file): its age decides.
+    upload_id: str | None
+    token: str = ""  # what aborting it takes besides the name (a multipart upload's id)
 
 
 class BlobStore(Protocol):
@@ -64,7 +83,10 @@ class BlobStore(Protocol):
         """Store an empty object ``key``."""
 
     async def promote(self, key: str, etag: str) -> str:
-        """Make the upload ``key`` the blob of ``etag``; return the blob's key."""
+        """Make the upload ``key`` the blob of ``etag``, durably; return the blob's key.
+
+        NotFoundError when the object ``key`` is not there.
+        """
 
     async def demote(self, blob_key: str, key: str) -> None:
         """Undo :meth:`promote` (its transaction failed)."""
@@ -72,12 +94,17 @@ class BlobStore(Protocol):
     async def delete(self, key: str) -> None:
         """Remove object ``key``; a missing one is fine."""
 
-    async def keys(self) -> list[str]:
-        """Every object's key."""
+    async def exists(self, key: str) -> bool:
+        """Whether object ``key`` is there."""
 
-    async def stale_writes(self, upload_ids: set[str], cutoff: float) -> int:
-        """Abort writes of uploads not in ``upload_ids`` (or, in a directory, older than
-        ``cutoff``); return how many."""
+    async def objects(self) -> dict[str, float]:
+        """Every object's key, with when it was written (seconds since the epoch)."""
+
+    async def writes(self) -> list[Write]:
+        """Every write not finished: in progress, or left by a crash."""
+
+    async def abort(self, write: Write) -> None:
+        """Discard the unfinished ``write``; one already gone is fine."""
 
     def url(self, key: str) -> str | None:
         """A presigned absolute URL of ``key``, or None when the hub serves it itself."""
@@ -153,7 +180,8 @@ class DirectoryBlobs:
         digest = hashlib.sha256()
         size = 0
         with _os_errors("cannot store the upload"):
-            # No directory fsync: a row whose body a crash lost is dropped at the next start.
+            # No directory fsync: a row whose body a crash lost is dropped at the next start
+            # (Store.drop_lost_uploads); promote makes the body durable before it is published.
             async with AtomicFile(target, temp_dir=self.tmp_dir, sync_dir=False) as temp:
                 async for buffer in _batched(chunks, _WRITE_SIZE):
                     await anyio.to_thread.run_sync(_write_hashed, temp.file, digest, buffer)
@@ -162,15 +190,43 @@ class DirectoryBlobs:
 
     async def write_empty(self, key: str) -> None:
         path = self._path(key)
+
+        def create() -> None:
+            fd = os.open(path, os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            # A row refers to it once this returns (an empty big part is published at once).
+            sync_directory(path.parent)
+
         with _os_errors("cannot store an empty blob"):
-            await anyio.to_thread.run_sync(
-                lambda: os.close(os.open(path, os.O_CREAT | os.O_WRONLY, 0o600))
-            )
+            await anyio.to_thread.run_sync(create)
 
     async def promote(self, key: str, etag: str) -> str:
         blob_key = f"blobs/{etag}"
+        source, target = self._path(key), self._path(blob_key)
+
+        def move() -> bool:
+            try:
+                source.replace(target)
+            except FileNotFoundError:
+                return False
+            try:
+                # The commit that refers to blobs/{etag} follows: the rename must survive a
+                # power loss first, or the row would point at a file that is not there.
+                sync_directory(target.parent)
+                sync_directory(source.parent)
+            except OSError:
+                target.replace(source)  # the publish fails; the upload keeps its body
+                raise
+            return True
+
         with _os_errors("cannot publish the upload"):
-            await anyio.to_thread.run_sync(self._path(key).replace, self._path(blob_key))
+            moved = await anyio.to_thread.run_sync(move)
+        if not moved:
+            msg = f"the body of {key} is gone"
+            raise NotFoundError(msg)
         return blob_key
 
     async def demote(self, blob_key: str, key: str) -> None:
@@ -183,27 +239,38 @@ class DirectoryBlobs:
         with _os_errors("cannot remove a blob"):
             await anyio.to_thread.run_sync(_unlink, self._path(key))
 
-    async def keys(self) -> list[str]:
-        def scan() -> list[str]:
-            return [f"blobs/{p.name}" for p in self.blobs_dir.iterdir() if p.is_file()] + [
-                f"uploads/{p.name}" for p in self.uploads_dir.iterdir() if p.is_file()
-            ]
+    async def exists(self, key: str) -> bool:
+        path = self._path(key)
+        with _os_errors("cannot look for a blob"):
+            return await anyio.to_thread.run_sync(path.is_file)
+
+    async def objects(self) -> dict[str, float]:
+        def scan() -> dict[str, float]:
+            found: dict[str, float] = {}
+            for prefix, directory in (("blobs", self.blobs_dir), ("uploads", self.uploads_dir)):
+                for path in directory.iterdir():
+                    with contextlib.suppress(FileNotFoundError):
+                        if path.is_file():
+                            found[f"{prefix}/{path.name}"] = path.stat().st_mtime
+            return found
 
         with _os_errors("cannot list the blob directory"):
             return await anyio.to_thread.run_sync(scan)
 
-    async def stale_writes(self, upload_ids: set[str], cutoff: float) -> int:  # noqa: ARG002 - the protocol
-        def scan() -> int:
-            removed = 0
+    async def writes(self) -> list[Write]:
+        def scan() -> list[Write]:
+            found: list[Write] = []
             for path in self.tmp_dir.iterdir():
                 with contextlib.suppress(FileNotFoundError):
-                    if path.stat().st_mtime < cutoff:
-                        _unlink(path)
-                        removed += 1
-            return removed
+                    found.append(Write(path.name, path.stat().st_mtime, None))
+            return found
 
-        with _os_errors("cannot clean the temp directory"):
+        with _os_errors("cannot list the temp directory"):
             return await anyio.to_thread.run_sync(scan)
+
+    async def abort(self, write: Write) -> None:
+        with _os_errors("cannot remove a temp file"):
+            await anyio.to_thread.run_sync(_unlink, self.tmp_dir / Path(write.name).name)
 
     def url(self, key: str) -> str | None:  # noqa: ARG002 - the protocol
         return None
@@ -363,7 +430,11 @@ class S3Blobs:
             await obstore.put_async(self._store, key, b"")
 
     async def promote(self, key: str, etag: str) -> str:  # noqa: ARG002 - the protocol
-        # S3 has no rename: the upload's object becomes the blob under its own key.
+        # S3 has no rename: the upload's object becomes the blob under its own key. It must
+        # still be there: a row must never point at an object nobody can fetch.
+        if not await self.exists(key):
+            msg = f"the body of {key} is gone"
+            raise NotFoundError(msg)
         return key
 
     async def demote(self, blob_key: str, key: str) -> None:
@@ -375,13 +446,23 @@ class S3Blobs:
         with _s3_errors("cannot remove a blob"):
             await obstore.delete_async(self._store, key)
 
-    async def keys(self) -> list[str]:
+    async def exists(self, key: str) -> bool:
         import obstore  # noqa: PLC0415
 
-        found: list[str] = []
+        with _s3_errors("cannot look for a blob"):
+            try:
+                await obstore.head_async(self._store, key)
+            except FileNotFoundError:  # obstore's "not found"
+                return False
+        return True
+
+    async def objects(self) -> dict[str, float]:
+        import obstore  # noqa: PLC0415
+
+        found: dict[str, float] = {}
         with _s3_errors("cannot list the bucket"):
             async for batch in obstore.list(self._store, chunk_size=1000):
-                found.extend(meta["path"] for meta in batch)
+                found.update((meta["path"], meta["last_modified"].timestamp()) for meta in batch)
         return found
 
     def _client_or_fail(self) -> S3Client:
@@ -390,31 +471,32 @@ class S3Blobs:
             raise StorageError(msg)
         return self._client
 
-    async def stale_writes(self, upload_ids: set[str], cutoff: float) -> int:  # noqa: ARG002 - the protocol
+    async def writes(self) -> list[Write]:
         client = self._client_or_fail()
-        prefix = self._full("uploads/")
-        aborted = 0
-        with _s3_errors("cannot clean up multipart uploads"):
+        found: list[Write] = []
+        with _s3_errors("cannot list multipart uploads"):
             paginator = client.get_paginator("list_multipart_uploads")
+            prefix = self._full("uploads/")
             async for page in paginator.paginate(Bucket=self.location.bucket, Prefix=prefix):
                 for upload in page.get("Uploads", []):
                     key = upload["Key"].removeprefix(self._full(""))
-                    if _upload_id(key) in upload_ids:
-                        continue  # its upload lives: the body may still be arriving
-                    await client.abort_multipart_upload(
-                        Bucket=self.location.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
-                    )
-                    aborted += 1
-        return aborted
+                    started = upload["Initiated"].timestamp()
+                    found.append(Write(upload["Key"], started, _upload_id(key), upload["UploadId"]))
+        return found
 
-    async def multipart_uploads(self) -> list[str]:
-        """Keys of the incomplete multipart uploads under the prefix (tests and checks)."""
+    async def abort(self, write: Write) -> None:
+        from botocore.exceptions import ClientError  # noqa: PLC0415
+
         client = self._client_or_fail()
-        with _s3_errors("cannot list multipart uploads"):
-            page = await client.list_multipart_uploads(
-                Bucket=self.location.bucket, Prefix=self._full("")
-            )
-        return [u["Key"] for u in page.get("Uploads", [])]
+        with _s3_errors("cannot abort a multipart upload"):
+            try:
+                await client.abort_multipart_upload(
+                    Bucket=self.location.bucket, Key=write.name, UploadId=write.token
+                )
+            except ClientError as exc:
+                # Completed or aborted since it was listed: nothing left to discard.
+                if exc.response.get("Error", {}).get("Code") != "NoSuchUpload":
+                    raise
 
     def url(self, key: str) -> str:
         import obstore  # noqa: PLC0415
@@ -427,6 +509,7 @@ class S3Blobs:
 def _s3_errors(what: str) -> Iterator[None]:
     """Translate obstore and botocore errors (and sockets') into StorageError."""
     from botocore.exceptions import BotoCoreError, ClientError  # noqa: PLC0415
+    from obstore.exceptions import BaseError  # noqa: PLC0415
 
     try:
         yield
@@ -438,8 +521,8 @@ def _s3_errors(what: str) -> Iterator[None]:
             code = "the bucket does not exist"
         msg = f"{what}: {code}"
         raise StorageError(msg) from None
-    except (BotoCoreError, OSError, RuntimeError, ValueError) as exc:
-        # obstore's errors are OSError subclasses and others; their first line is the gist.
+    except (BaseError, BotoCoreError, OSError, RuntimeError, ValueError) as exc:
+        # obstore's errors (BaseError, and OSError for some); their first line is the gist.
         first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         msg = f"{what}: {first}"
         raise StorageError(msg) from None

@@ -41,10 +41,11 @@ def hub_command(args: argparse.Namespace, environ: Mapping[str, str] | None = No
     )
     if settings.uses_data_dir:
         prepare_dir(settings.data_dir, _DATA_DIR)
+    # Before the store opens: converting an old database logs that it did.
+    configure_logging()
     # Opened once before serving: an unreachable database or store, a missing bucket, a
     # corrupt or too-new schema is then one line, not the traceback of a failing lifespan.
     asyncio.run(_check_store(settings, environ))
-    configure_logging()
     store = build_store(settings, environ)
     logging.getLogger("unlockd.hub").info(
         "hub metadata in %s, blobs in %s", store.database.display, store.blobs.description

@@ -253,10 +253,15 @@ def _name_lock(folder: str, name: str) -> int:
 
 
 class Database:
-    """The hub's tables in one database; every method is one transaction."""
+    """The hub's tables in one database; every method is one transaction.
 
-    def __init__(self, url: str | Path) -> None:
+    ``convert_old`` says whether the blobs are in a directory, where the single-process hub
+    kept them: only then is a database of that hub converted; otherwise it is refused.
+    """
+
+    def __init__(self, url: str | Path, *, convert_old: bool = True) -> None:
         self.url = database_url(url)
+        self._convert_old = convert_old
         # As the user wrote it: without the driver, and without the password.
         self.display = display_url(self.url.replace("+asyncpg", "").replace("+aiosqlite", ""))
         self._postgres = self.url.startswith("postgresql")
@@ -345,6 +350,13 @@ class Database:
             msg = (
                 f"{self.display} is not a hub database this unlockd can convert (PRAGMA "
                 f"user_version {version}); move it aside and start afresh"
+            )
+            raise StorageError(msg)
+        if not self._convert_old:
+            # Its resources would point at blobs/{etag} objects that are not in the bucket.
+            msg = (
+                f"{self.display} is a database of the single-process hub, whose blobs are "
+                "files in its data dir: convert it with the default blob directory, not --blobs"
             )
             raise StorageError(msg)
         for table in _LEGACY_TABLES:
@@ -623,6 +635,23 @@ class Database:
                 )
             ).all()
         return [(row[0], row[1]) for row in rows]
+
+    async def upload_objects(self) -> dict[str, str]:
+        """The object of every pending upload that has received a body, by upload id."""
+        async with self._begin() as db:
+            rows = await db.execute(
+                sa.select(_uploads.c.id, _uploads.c.object).where(_uploads.c.object.is_not(None))
+            )
+            return {row[0]: row[1] for row in rows}
+
+    async def drop_upload(self, upload_id: str, key: str) -> bool:
+        """Remove the upload ``upload_id`` if its body is still the object ``key``; whether
+        it was removed (a body that replaced ``key`` meanwhile keeps it)."""
+        async with self._begin() as db:
+            dropped = await db.execute(
+                sa.delete(_uploads).where(_uploads.c.id == upload_id, _uploads.c.object == key)
+            )
+            return bool(dropped.rowcount)
 
     async def upload_ids(self) -> set[str]:
         """The ids of every pending upload."""

@@ -11,9 +11,12 @@ For a fleet, PostgreSQL and an S3-compatible bucket (``uploads/{id}.N`` objects,
 where they are when published). The rules that keep the two in step, whichever they are:
 
 - an object is written whole (temp file + rename, or a completed multipart upload) before
-  any row refers to it, so a crash never leaves a row pointing at half an object;
+  any row refers to it, so a crash never leaves a row pointing at half an object; a
+  directory's received body is not made durable at once, so an upload row whose body a
+  power loss took is dropped at the next start (:meth:`Store.drop_lost_uploads`);
 - publishing takes the upload's row and inserts the resource's in one transaction (the
-  directory's rename happens inside it and is undone if it fails);
+  directory's rename happens inside it, durably before the commit, and is undone if it
+  fails); an upload whose object is not there is not published, but dropped;
 - an object is deleted after the commit that stopped referring to it; what a crash left
   (an object no row refers to whose upload is gone, an incomplete multipart upload of a
   gone upload) is removed by :meth:`Store.collect_garbage`, at start and periodically.
@@ -125,15 +128,20 @@ class Store:
         # The rename (or empty object) and the commit must not be torn apart by a cancel.
         with anyio.CancelScope(shield=True):
             promoted: tuple[Upload, str] | None = None
+            lost: str | None = None
 
             async def promote(upload: Upload) -> tuple[str, int, str]:
-                nonlocal promoted
+                nonlocal promoted, lost
                 if upload.object is None:  # no body was sent: an empty big part
                     blob = f"uploads/{upload.id}.{secrets.token_hex(4)}"
                     await self.blobs.write_empty(blob)
                     promoted = (upload, blob)
                     return blob, 0, _EMPTY_SHA256
-                blob = await self.blobs.promote(upload.object, etag)
+                try:
+                    blob = await self.blobs.promote(upload.object, etag)
+                except NotFoundError:
+                    lost = upload.object
+                    raise
                 promoted = (upload, blob)
                 return blob, upload.size or 0, upload.sha256 or _EMPTY_SHA256
 
@@ -148,6 +156,11 @@ class Store:
                         await self.blobs.delete(blob)
                     else:
                         await self.blobs.demote(blob, undone.object)
+                if lost is not None:
+                    # Nothing can publish it any more: it goes, as a body cut off does.
+                    await self.database.drop_upload(upload_id, lost)
+                    msg = f"upload {upload_id} not found: its body was lost, upload it again"
+                    raise NotFoundError(msg) from None
                 raise
             if previous is not None:
                 await self._delete_quietly(previous)
@@ -238,20 +251,48 @@ class Store:
                     await self._delete_quietly(key)
         return len(expired)
 
-    async def collect_garbage(self, ttl: float) -> int:
+    async def drop_lost_uploads(self) -> int:
+        """Remove the uploads whose body is not in the blob store; return how many.
+
+        A directory makes a received body durable only when it is published: after a power
+        loss, a row may claim a body that is gone. Called at start.
+        """
+        dropped = 0
+        for upload_id, key in (await self.database.upload_objects()).items():
+            if not await self.blobs.exists(key) and await self.database.drop_upload(upload_id, key):
+                dropped += 1
+        return dropped
+
+    async def collect_garbage(self, grace: float) -> int:
         """Remove what crashes left: stale writes, and objects no row refers to; return count.
 
-        Safe while other hubs work on the same store: an object is kept while its upload
-        exists (its row may not point at it yet) or any row refers to it.
+        Safe while other hubs work on the same store: an object or a write is kept while
+        its upload exists (its row may not point at it yet), any row refers to it, or it is
+        younger than ``grace`` seconds.
         """
+        # What is in the store first, the rows second: anything listed was begun by an
+        # upload that existed then, so that upload is in the snapshot below, or it was
+        # published (its object is referenced) or abandoned (its object is garbage). The
+        # other order would take an upload begun in between for one long gone.
+        writes = await self.blobs.writes()
+        objects = await self.blobs.objects()
         # Upload ids first, references second: a publish that commits in between has
         # moved its object from the first set into the second.
         upload_ids = await self.database.upload_ids()
         referenced = await self.database.referenced_objects()
-        removed = await self.blobs.stale_writes(upload_ids, time.time() - ttl)
-        for key in await self.blobs.keys():
+        cutoff = time.time() - grace
+        removed = 0
+        for write in writes:
+            if write.started < cutoff and write.upload_id not in upload_ids:
+                await self.blobs.abort(write)
+                removed += 1
+        for key, written in objects.items():
             owner = key.removeprefix("uploads/").partition(".")[0]
-            if key in referenced or (key.startswith("uploads/") and owner in upload_ids):
+            if (
+                written >= cutoff
+                or key in referenced
+                or (key.startswith("uploads/") and owner in upload_ids)
+            ):
                 continue
             await self.blobs.delete(key)
             removed += 1
