@@ -11,11 +11,15 @@ whose client stopped reading waits in ``drain()`` forever, holding the chunk it 
   buffers more;
 - a head not complete within ``header_timeout`` of its first byte (or of the connection,
   for the first request) closes the connection;
-- a connection beyond ``max_connections`` is answered 503;
+- a connection beyond ``max_connections`` is answered 503 as soon as it is accepted, and
+  closed within a second;
 - while the transport's buffer stays above its high-water mark, a client that takes no byte
   in ``send_timeout`` is dropped (the response task then sees ``http.disconnect``);
-- response bytes queued for clients, counted per chunk, come out of one :class:`SendBudget`
-  per process: when slow clients hold it all, other responses wait for their next chunk.
+- response bytes queued for clients, counted per chunk of 64 KiB or more, come out of the
+  server's :class:`SendBudget`: when slow clients hold it all, other bulk responses wait for
+  their next chunk. Smaller chunks (``/health``, JSON answers) never wait: uvicorn already
+  holds each connection to its write buffer's high-water mark plus one message, so they cost
+  at most 64 KiB a connection, bounded by ``max_connections``.
 
 Error answers are JSON ``{"detail": ...}`` like every other error, and the server's
 :class:`~unlockd.config.Limits` go into each request's scope for the JSON body checks of
@@ -49,25 +53,42 @@ __all__ = ["LimitedHttpProtocol", "SendBudget", "protocol_class"]
 logger = logging.getLogger("unlockd")
 
 # After the last of a burst of slow clients has gone, give the freed chunks back to the OS;
-# not after every download (a fast client holds a chunk or two): a full collection has a cost.
+# not after every download (a fast client holds a chunk or two), and not more often than
+# _TRIM_INTERVAL: a full collection of a big heap takes the loop for tens of milliseconds.
 _TRIM_DELAY = 1.0
+_TRIM_INTERVAL = 10.0
 _TRIM_ABOVE = 32 * 1024 * 1024
+
+# Chunks smaller than this are not counted (see the module's docstring); it is also the
+# default high-water mark of asyncio's and uvloop's transports.
+_UNCOUNTED_BELOW = 64 * 1024
+
+# How long a connection over the cap is read (and its bytes dropped) after its 503.
+_OVER_CAP_LINGER = 1.0
 
 
 class SendBudget:
-    """Bytes of response chunks that clients have not taken yet, shared by all connections.
+    """Bytes of response chunks that clients have not taken yet, shared by a server's connections.
 
     A chunk is counted from the moment it is handed to the server until the transport has
     written it to the socket. :meth:`acquire` waits while the budget is spent; a chunk larger
-    than the whole budget counts as the whole budget, so it can still go out alone.
+    than the whole budget counts as the whole budget, so it can still go out alone. When the
+    budget goes idle after a burst, freed memory goes back to the OS ``trim_delay`` later, at
+    most once per ``trim_interval``.
     """
 
-    def __init__(self, total: int) -> None:
+    def __init__(
+        self, total: int, *, trim_delay: float = _TRIM_DELAY, trim_interval: float = _TRIM_INTERVAL
+    ) -> None:
         self.total = total
         self.used = 0
         self._peak = 0
         self._released = asyncio.Event()
+        self._trim_delay = trim_delay
+        self._trim_interval = trim_interval
         self._trim: asyncio.TimerHandle | None = None
+        self._trimming: asyncio.Future[Any] | None = None
+        self._last_trim = -trim_interval
 
     def clip(self, size: int) -> int:
         """The amount a chunk of ``size`` bytes counts for."""
@@ -86,20 +107,31 @@ class SendBudget:
         self.used -= amount
         self._released.set()
         if self.used == 0 and self._peak >= _TRIM_ABOVE and self._trim is None:
-            self._trim = asyncio.get_running_loop().call_later(_TRIM_DELAY, self._trim_now)
+            loop = asyncio.get_running_loop()
+            delay = max(self._trim_delay, self._last_trim + self._trim_interval - loop.time())
+            self._trim = loop.call_later(delay, self._trim_now)
 
     def _trim_now(self) -> None:
         self._trim = None
-        if self.used != 0:
-            return
+        if self.used != 0 or self._trimming is not None:
+            return  # the next idle moment (or the trim under way) will do
+        loop = asyncio.get_running_loop()
         self._peak = 0
+        self._last_trim = loop.time()
         # The chunks and segment buffers of cancelled downloads sit in reference cycles
         # (tracebacks, frames) until a full collection; then glibc keeps the freed 1 MiB
         # blocks in its heap (its mmap threshold grows with the first ones freed). Without
-        # both, RSS stays at its peak after slow clients have gone.
+        # both, RSS stays at its peak after slow clients have gone. The collection stays on
+        # the loop: it holds the GIL in any thread, and would run the finalizers of the
+        # loop's objects in another. malloc_trim walks the whole heap without the GIL.
         gc.collect()
         if _malloc_trim is not None:
-            _malloc_trim(0)
+            self._trimming = loop.run_in_executor(None, _malloc_trim, 0)
+            self._trimming.add_done_callback(self._trimmed)
+
+    def _trimmed(self, future: asyncio.Future[Any]) -> None:
+        self._trimming = None
+        future.result()  # malloc_trim raises nothing; a bug would be logged by the loop
 
 
 def _find_malloc_trim() -> Any:
@@ -137,8 +169,9 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._stall_timer: asyncio.TimerHandle | None = None
         self._stall_buffer = 0
-        # Budget amounts of the chunks written to the transport and not yet on the socket.
-        self._queued: collections.deque[int] = collections.deque()
+        self._over_cap = False
+        # Sizes and budget amounts of the chunks written to the transport, not yet on the socket.
+        self._queued: collections.deque[tuple[int, int]] = collections.deque()
         # Counted for the response's next chunk, before the app makes it.
         self._reserved = 0
 
@@ -147,12 +180,29 @@ class LimitedHttpProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         if len(self.connections) > self.limits.max_connections:
-            # Answered once its request is in: closing now, unread, would reset the
-            # connection and the client would never see why.
-            self.app = _too_many_connections
+            self._turn_away()
+            return
         self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_timeout)
 
+    def _turn_away(self) -> None:
+        # Answered at once, not once a request is in: a flood of idle connections would
+        # otherwise hold a descriptor each for the header timeout. Then only half closed,
+        # for a moment: a request arriving at a closed socket is answered with a reset,
+        # which can destroy the 503 before the client has read it.
+        self._over_cap = True
+        self.transport.write(
+            _error_response(503, "too many connections; try again later", retry_after=1)
+        )
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        linger = min(_OVER_CAP_LINGER, self.limits.header_timeout)
+        self._head_timer = self.loop.call_later(linger, self._head_timeout)
+
     def data_received(self, data: bytes) -> None:
+        if self._over_cap:
+            return  # the rest of a request already answered 503
         # Fed to the parser no further than the limit: httptools would buffer a header of
         # any size before calling back.
         while data and self._in_head and not self.transport.is_closing():
@@ -205,14 +255,7 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         self._answer_and_close(400, msg)
 
     def _answer_and_close(self, status: int, detail: str) -> None:
-        body = json.dumps({"detail": detail}).encode()
-        head = (
-            f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
-            "content-type: application/json\r\n"
-            f"content-length: {len(body)}\r\n"
-            "connection: close\r\n\r\n"
-        )
-        self.transport.write(head.encode() + body)
+        self.transport.write(_error_response(status, detail))
         self.transport.close()
 
     # -- the response ------------------------------------------------------------------
@@ -230,18 +273,18 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             if not body:
                 await send(message)
                 return
-            amount = self.budget.clip(len(body))
+            amount = self.budget.clip(len(body)) if len(body) >= _UNCOUNTED_BELOW else 0
             if amount > self._reserved:
                 await self.budget.acquire(amount - self._reserved)
             else:
                 self.budget.release(self._reserved - amount)
             self._reserved = 0
-            self._queued.append(amount)
+            self._queued.append((len(body), amount))
             try:
                 await send(message)
             finally:
                 self._release_sent()
-            if message.get("more_body", False) and not self.transport.is_closing():
+            if amount and message.get("more_body", False) and not self.transport.is_closing():
                 # The next chunk is made when this call returns: it is counted before it
                 # exists, so a response waits for the budget before it makes a chunk.
                 await self.budget.acquire(amount)
@@ -257,10 +300,10 @@ class LimitedHttpProtocol(HttpToolsProtocol):
         # The transport writes chunks in order: those older than what its buffer still
         # holds are on the socket.
         buffered = 0 if self.transport.is_closing() else self.transport.get_write_buffer_size()
-        queued = sum(self._queued)
-        while self._queued and queued - self._queued[0] >= buffered:
-            amount = self._queued.popleft()
-            queued -= amount
+        queued = sum(size for size, _ in self._queued)
+        while self._queued and queued - self._queued[0][0] >= buffered:
+            size, amount = self._queued.popleft()
+            queued -= size
             self.budget.release(amount)
 
     def pause_writing(self) -> None:
@@ -299,22 +342,18 @@ class LimitedHttpProtocol(HttpToolsProtocol):
             self._stall_timer = None
         super().connection_lost(exc)
         while self._queued:
-            self.budget.release(self._queued.popleft())
+            self.budget.release(self._queued.popleft()[1])
         self._release_reserved()
 
 
-async def _too_many_connections(scope: Any, receive: Any, send: Any) -> None:  # noqa: ARG001
-    body = json.dumps({"detail": "too many connections; try again later"}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 503,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(body)).encode()),
-                (b"connection", b"close"),
-                (b"retry-after", b"1"),
-            ],
-        }
+def _error_response(status: int, detail: str, *, retry_after: int | None = None) -> bytes:
+    """A whole HTTP/1.1 error response, JSON like every other error, closing the connection."""
+    body = json.dumps({"detail": detail}).encode()
+    retry = f"retry-after: {retry_after}\r\n" if retry_after is not None else ""
+    head = (
+        f"HTTP/1.1 {status} {http.HTTPStatus(status).phrase}\r\n"
+        "content-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n"
+        f"{retry}connection: close\r\n\r\n"
     )
-    await send({"type": "http.response.body", "body": body})
+    return head.encode() + body

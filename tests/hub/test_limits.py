@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
 import time
@@ -10,11 +9,12 @@ import time
 import httpx
 import pytest
 
-from harness import PUBLISHER, eventually
+from harness import eventually
 from limits_support import (
     closed_within,
     connect,
     elapsed,
+    publish_blob,
     read_all,
     request,
     send_quietly,
@@ -40,17 +40,7 @@ def hub_under(tmp_path, hub_app):
 
 
 def _publish(url: str, data: bytes) -> str:
-    """Publish ``data`` as a big part; return its etag."""
-    with httpx.Client(base_url=url, timeout=60) as client:
-        token = client.post("/auth/login", json=PUBLISHER.body).json()["token"]
-        client.headers["authorization"] = f"Bearer {token}"
-        upload_id = client.post("/uploads").json()["upload_id"]
-        assert client.put(f"/uploads/{upload_id}", content=data).status_code == 200
-        key = base64.b64encode(bytes(32)).decode()
-        body = {"upload_id": upload_id, "key": key, "small": "c21hbGw="}
-        reply = client.put("/resources/models/x.bin", json=body)
-        assert reply.status_code == 201, reply.text
-        return str(reply.json()["etag"])
+    return publish_blob(url, "x.bin", data)
 
 
 def test_hub_headers_over_limit_answer_431(hub_under):
@@ -133,3 +123,21 @@ def test_hub_blob_stalled_client_dropped_after_send_timeout(hub_under):
             eventually(lambda: budget.used > 0)
             eventually(lambda: budget.used == 0, timeout=10)
             assert 0 < len(read_all(sock)) < size
+
+
+def test_hub_health_send_budget_spent_still_answers(hub_under):
+    """The hub's /health answers at once while stalled blob clients hold the whole budget."""
+    budget = SendBudget(256 << 10)
+    with hub_under(Limits(send_timeout=60), budget) as url:
+        etag = _publish(url, os.urandom(24 << 20))
+        stalled = [connect(url, rcvbuf=4096) for _ in range(4)]
+        try:
+            for sock in stalled:
+                sock.sendall(request("GET", f"/blobs/{etag}"))
+            eventually(lambda: budget.used == budget.total)
+            assert httpx.get(f"{url}/health", timeout=15).status_code == 200
+            assert budget.used == budget.total
+        finally:
+            for sock in stalled:
+                sock.close()
+        eventually(lambda: budget.used == 0)

@@ -2,28 +2,38 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import os
+import signal
+import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
 
-from harness import PUBLISHER, eventually
+from harness import PUBLISHER, eventually, eventually_async
 from limits_support import (
+    bound_socket,
     closed_within,
     connect,
     elapsed,
+    publish_blob,
     read_all,
     request,
     send_quietly,
+    serve_together,
+    server_connections,
     status_and_detail,
 )
 from servers import serve
+from unlockd import limits as limits_module
 from unlockd.app import create_app
 from unlockd.config import Limits, Settings
 from unlockd.limits import SendBudget
-from unlockd.server import limit_options
+from unlockd.server import limit_options, run_servers, server_configs
 
 BIG = 24 * 1024 * 1024  # more than loopback's socket buffers hold, so a client can stall
 
@@ -114,6 +124,25 @@ def test_connections_over_cap_answer_503(sidecar):
             for sock in idle:
                 sock.close()
         eventually(lambda: _health_status(url) == 200)
+
+
+def test_connections_over_cap_answered_at_once(sidecar):
+    """Idle connections past the cap get their 503 at once and hold no descriptor for long."""
+    with sidecar(Limits(max_connections=2, header_timeout=60)) as url:
+        idle = [connect(url) for _ in range(2)]
+        flood: list = []
+        try:
+            eventually(lambda: server_connections(url) == 2)
+            flood = [connect(url) for _ in range(20)]
+            for sock in flood:
+                sock.settimeout(5)
+                status, detail = status_and_detail(read_all(sock))
+                assert status == 503
+                assert "too many connections" in detail
+            eventually(lambda: server_connections(url) == 2, timeout=5)
+        finally:
+            for sock in idle + flood:
+                sock.close()
 
 
 def _health_status(url: str) -> int:
@@ -232,3 +261,119 @@ def test_download_stalled_clients_bounded_by_budget(sidecar):
             for sock in stalled:
                 sock.close()
         eventually(lambda: budget.used == 0)
+
+
+def _stall(url: str, path: str, count: int) -> list:
+    """``count`` clients that ask for ``path`` and take (almost) none of it."""
+    stalled = [connect(url, rcvbuf=4096) for _ in range(count)]
+    for sock in stalled:
+        sock.sendall(request("GET", path))
+    return stalled
+
+
+def test_health_send_budget_spent_still_answers(sidecar):
+    """/health and /status answer at once while stalled downloads hold the whole budget."""
+    budget = SendBudget(256 << 10)
+    with sidecar(Limits(send_timeout=60), budget) as url:
+        _upload(url, "big.bin", os.urandom(BIG))
+        stalled = _stall(url, "/resources/models/big.bin", 4)
+        try:
+            eventually(lambda: budget.used == budget.total)
+            with httpx.Client(base_url=url, timeout=15) as client:
+                assert client.get("/health").json() == {"status": "ok"}
+                assert client.get("/status").json()["authenticated"] is True
+            assert budget.used == budget.total
+        finally:
+            for sock in stalled:
+                sock.close()
+        eventually(lambda: budget.used == 0)
+
+
+def test_server_configs_stalled_sidecar_leaves_hub_sends(tmp_path, hub_app):
+    """Servers of one process (``unlockd dev``) have a budget each: the hub's blobs still go."""
+    (hub_socket, hub_url), (sidecar_socket, url) = bound_socket(), bound_socket()
+    settings = Settings(cache_dir=tmp_path / "cache", upstream_url=hub_url)
+    apps = [(hub_app(tmp_path / "hub"), "127.0.0.1", 0), (create_app(settings), "127.0.0.1", 0)]
+    configs = server_configs(apps, limits=Limits(send_timeout=60, send_buffer_budget=1 << 20))
+    sidecar_budget = configs[1].http.budget
+    with serve_together(configs, [hub_socket, sidecar_socket]):
+        _upload(url, "big.bin", os.urandom(BIG))
+        data = os.urandom(4 << 20)
+        etag = publish_blob(hub_url, "other.bin", data)
+        stalled = _stall(url, "/resources/models/big.bin", 4)
+        try:
+            eventually(lambda: sidecar_budget.used > sidecar_budget.total // 2, timeout=20)
+            assert httpx.get(f"{hub_url}/blobs/{etag}", timeout=15).content == data
+        finally:
+            for sock in stalled:
+                sock.close()
+
+
+class _Cycle:
+    """A buffer in a reference cycle, as a cancelled download's frames and traceback hold one."""
+
+    def __init__(self, size: int) -> None:
+        self.buffer = bytearray(os.urandom(size))  # touched pages: they count in RSS
+        self.me = self
+
+
+def _rss() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+async def _burst(budget: SendBudget, size: int = 32 << 20) -> None:
+    await budget.acquire(size)
+    budget.release(size)
+
+
+async def test_budget_idle_after_burst_returns_memory():
+    """Cyclic garbage left by a burst of slow clients goes back to the OS once they are gone."""
+    budget = SendBudget(256 << 20, trim_delay=0.05)
+    for _ in range(4):  # freed mmap'd MiBs raise glibc's mmap threshold, as in a server
+        _Cycle(1 << 20).me = None
+    garbage = [_Cycle(1 << 20) for _ in range(64)]
+    garbage.clear()
+    held = _rss()
+    await _burst(budget, 64 << 20)
+    await eventually_async(lambda: _rss() < held - (48 << 20))
+
+
+async def test_budget_idle_after_burst_trims_off_the_loop(monkeypatch):
+    """malloc_trim, which walks the whole heap, runs in a worker thread, not on the loop."""
+    threads: list[int] = []
+    monkeypatch.setattr(
+        limits_module, "_malloc_trim", lambda _pad: threads.append(threading.get_ident()) or 1
+    )
+    await _burst(SendBudget(64 << 20, trim_delay=0.01))
+    await eventually_async(lambda: threads)
+    assert threads[0] != threading.get_ident()
+
+
+async def test_budget_bursts_in_a_row_collect_once_per_interval(monkeypatch):
+    """Bursts in quick succession make one full collection per interval, not one each."""
+    collections: list[float] = []
+    monkeypatch.setattr(gc, "collect", lambda *_: collections.append(time.monotonic()) or 0)
+    budget = SendBudget(64 << 20, trim_delay=0.01, trim_interval=1.0)
+    await _burst(budget)
+    await eventually_async(lambda: len(collections) == 1)
+    await _burst(budget)
+    await asyncio.sleep(0.3)
+    assert len(collections) == 1
+    await eventually_async(lambda: len(collections) == 2)
+    assert collections[1] - collections[0] > 0.9
+
+
+def test_run_servers_objects_alive_at_start_frozen(tmp_path, hub_app):
+    """Objects alive when serving starts are frozen out of full collections (they take ~50 ms)."""
+    before = gc.get_freeze_count()
+    frozen: list[int] = []
+
+    async def setup() -> None:
+        frozen.append(gc.get_freeze_count())
+        os.kill(os.getpid(), signal.SIGINT)
+
+    try:
+        assert run_servers([(hub_app(tmp_path / "hub"), "127.0.0.1", 0)], setup) == 0
+    finally:
+        gc.unfreeze()
+    assert frozen[0] > before
