@@ -69,6 +69,7 @@ async def test_download_range_shares_download_and_cleans_up(hub, tmp_path):
         cache = await stack.enter_async_context(BigPartCache(tmp_path / "cache", metrics))
         transfers = Transfers(api, cache, blobs, metrics)
         await transfers.upload("m.bin", _once(data), _models)
+        hub.probe.blob_delay = 0.05  # the download outlasts the second open, which joins it
         first = await transfers.open_download("models", "m.bin")
         second = await transfers.open_download("models", "m.bin", (PS, len(data)))
         assert first.source == second.source == "download"
