@@ -209,15 +209,25 @@ def test_cache_cli_list_and_prune_leave_entries_in_use(logged_in):
     assert [e["filename"] for e in _complete(logged_in)] == ["a.bin"]
 
 
-def test_cache_cli_missing_dir_fails_with_one_line(tmp_path):
-    """`unlockd cache list` of a directory that does not exist fails with a clear line."""
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("list", "--cache-dir", "{tmp}/no"), "no cache directory at"),
+        (("prune", "--cache-dir", "{tmp}", "--max-bytes", "-1"), "--max-bytes: expected"),
+    ],
+)
+def test_cache_cli_bad_input_fails_with_one_line_changing_nothing(tmp_path, args, message):
+    """`unlockd cache` with a missing directory or a negative size fails with one clear line."""
+    (tmp_path / "keep").write_bytes(b"x")
+    command = [a.format(tmp=tmp_path) for a in args]
     result = subprocess.run(
-        [sys.executable, "-m", "unlockd", "cache", "list", "--cache-dir", str(tmp_path / "no")],
+        [sys.executable, "-m", "unlockd", "cache", *command],
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert result.returncode != 0
-    assert "no cache directory at" in result.stderr
+    assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    assert (tmp_path / "keep").exists()
 
 
 def _cli(*args: str) -> str:
