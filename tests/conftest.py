@@ -14,6 +14,7 @@ import stamina
 
 from harness import ACCOUNTS, PUBLISHER, READER, Account, FakeClock, Hub
 from servers import serve
+from unlock.support import Engine, docker_required, engine_client, probe_docker
 from unlockd.hub import HubSettings, create_hub_app
 from unlockd.hub.accounts import save_user
 from unlockd.hub.auth import hash_password
@@ -101,3 +102,25 @@ def shared_hub(
     data_dir = tmp_path_factory.mktemp("shared") / "hub"
     with start_hub(data_dir) as url:
         yield Hub(url, data_dir)
+
+
+@pytest.fixture(scope="session")
+def docker_host() -> str:
+    """The engine at DOCKER_HOST; skip without one, fail if UNLOCKD_REQUIRE_DOCKER=1."""
+    host, reason = probe_docker()
+    if reason is not None:
+        if docker_required():
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return host
+
+
+@pytest.fixture
+def engine(docker_host: str) -> Iterator[Engine]:
+    """Helpers over the real engine; removes every image this test loaded (and no other)."""
+    with engine_client(docker_host) as client:
+        eng = Engine(client)
+        try:
+            yield eng
+        finally:
+            eng.remove_all()

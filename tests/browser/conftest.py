@@ -16,7 +16,6 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from servers import serve
-from unlock.support import Engine, docker_required, engine_client, probe_docker
 from unlockd.app import create_app
 from unlockd.config import Settings
 
@@ -106,25 +105,3 @@ def sidecar(
             yield url
 
     return start
-
-
-@pytest.fixture(scope="session")
-def docker_host() -> str:
-    """The engine at DOCKER_HOST; skip without one, fail if UNLOCKD_REQUIRE_DOCKER=1."""
-    host, reason = probe_docker()
-    if reason is not None:
-        if docker_required():
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return host
-
-
-@pytest.fixture
-def engine(docker_host: str) -> Iterator[Engine]:
-    """Helpers over the real engine; removes every image this test loaded (and no other)."""
-    with engine_client(docker_host) as client:
-        eng = Engine(client)
-        try:
-            yield eng
-        finally:
-            eng.remove_all()
