@@ -83,6 +83,10 @@ class LinkEmulator:
         ]
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            # The emulator is stopping: asyncio's stream server logs a handler that ends
+            # cancelled as an error, so this one ends quietly (it is the last thing to run).
+            pass
         finally:
             for task in tasks:
                 task.cancel()

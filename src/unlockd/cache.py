@@ -354,36 +354,16 @@ class _Fetch:
     # -- the download task -------------------------------------------------------
 
     async def run(self) -> None:
-        published = False
         try:
             with self._scope:
                 try:
-                    files, (folder, filename) = self.cache.files, self.name
-                    await anyio.to_thread.run_sync(
-                        functools.partial(
-                            files.write_meta, self.fd, self.etag, folder, filename, cached=False
-                        )
-                    )
-                    await self._make_room()
-                    if self.size:
-                        async with anyio.create_task_group() as tg:
-                            for _ in range(min(self.cache.connections, len(self._written))):
-                                tg.start_soon(self._worker)
-                    if self.poisoned:
-                        msg = "the big part failed authentication; not cached"
-                        raise UpstreamError(msg)  # noqa: TRY301 - stored for the readers
-                    await anyio.to_thread.run_sync(self.temp.publish)
-                    published = True
-                    await anyio.to_thread.run_sync(
-                        functools.partial(
-                            files.write_meta, self.fd, self.etag, folder, filename, cached=True
-                        )
-                    )
-                    await self._unpublish_if_poisoned()
+                    await self._download()
                 except Exception as exc:  # noqa: BLE001 - stored for the readers, who raise it
                     self._fail(_leaf(exc))
         finally:
             self.cache._forget(self)  # noqa: SLF001 - the cache's own helper
+            # The rename may have happened even if a cancellation came right after it.
+            published = self.temp.published
             if self.error is None and not published:
                 self.error = UpstreamError("download of the big part was cancelled")
             self._notify()
@@ -391,7 +371,10 @@ class _Fetch:
                 try:
                     if not published:
                         await anyio.to_thread.run_sync(self.temp.discard)
-                    elif not self.poisoned:
+                    elif self.poisoned:
+                        # evict() came while the rename ran: the entry is not to be used.
+                        await _remove(self.temp.target)
+                    else:
                         # A superseded version goes once the new one is complete; then limits.
                         await self.cache._remove_superseded(self.etag, self.name)  # noqa: SLF001
                         await self.cache.sweep()
@@ -399,15 +382,28 @@ class _Fetch:
                     os.close(self.fd)  # readers keep their own duplicates (and the lock)
                     self.ended.set()
 
+    async def _download(self) -> None:
+        files, (folder, filename) = self.cache.files, self.name
+        await anyio.to_thread.run_sync(
+            functools.partial(files.write_meta, self.fd, self.etag, folder, filename, cached=False)
+        )
+        await self._make_room()
+        if self.size:
+            async with anyio.create_task_group() as tg:
+                for _ in range(min(self.cache.connections, len(self._written))):
+                    tg.start_soon(self._worker)
+        if self.poisoned:
+            msg = "the big part failed authentication; not cached"
+            raise UpstreamError(msg)
+        await anyio.to_thread.run_sync(self.temp.publish)
+        await anyio.to_thread.run_sync(
+            functools.partial(files.write_meta, self.fd, self.etag, folder, filename, cached=True)
+        )
+
     async def _make_room(self) -> None:
         if not await self.cache.sweep(reserve=self.cache.reserved()):
             msg = f"no room in the cache for {self.size} bytes within its limits"
             raise _CacheWriteError(msg)
-
-    async def _unpublish_if_poisoned(self) -> None:
-        # evict() may have run while the rename was in a thread: the entry is not to be used.
-        if self.poisoned:
-            await _remove(self.temp.target)
 
     async def _worker(self) -> None:
         while self._pending:
