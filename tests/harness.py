@@ -6,8 +6,10 @@ support modules import by name.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import subprocess
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
@@ -19,7 +21,7 @@ import pytest
 from unlockd.hub.auth import Role
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Iterator
 
 T = TypeVar("T")
 
@@ -116,3 +118,23 @@ class Hub:
         if account is not None:
             headers["authorization"] = f"Bearer {self.login(*account)}"
         return httpx.Client(base_url=self.url, headers=headers, timeout=60, **kwargs)
+
+
+@contextlib.contextmanager
+def tmpfs(mount_point: Path, size: str) -> Iterator[Path]:
+    """Mount a tmpfs of ``size`` (``"4m"``) at ``mount_point``, to fill for real; root only.
+
+    Skips the test where mounting is not allowed.
+    """
+    mount_point.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=True)

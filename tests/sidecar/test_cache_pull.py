@@ -10,7 +10,7 @@ import sys
 import httpx
 import pytest
 
-from harness import PUBLISHER, eventually
+from harness import PUBLISHER, eventually, tmpfs
 from servers import serve
 from unlockd.app import create_app
 from unlockd.cachedir import CacheDirectory, hold_shared
@@ -240,18 +240,8 @@ def _cli(*args: str) -> str:
 @pytest.fixture
 def small_filesystem(tmp_path):
     """A 24 MiB tmpfs to fill for real (root only; skipped elsewhere)."""
-    mount = tmp_path / "small"
-    mount.mkdir()
-    result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount)],
-        capture_output=True, check=False,
-    )  # fmt: skip
-    if result.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "small", "24m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 def test_cache_min_free_evicts_to_keep_space(tmp_path, make_stack, small_filesystem):

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-import subprocess
 
 import httpx
 import pytest
 
+from harness import tmpfs
 from servers import serve
 from unlockd.app import create_app
 from unlockd.config import Settings
@@ -16,19 +16,8 @@ from unlockd.config import Settings
 @pytest.fixture
 def small_fs(tmp_path):
     """A 4 MiB tmpfs of this test's own (root only; skipped elsewhere)."""
-    mount_point = tmp_path / "cache"
-    mount_point.mkdir()
-    mounted = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount_point)],
-        capture_output=True,
-        check=False,
-    )
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs: {mounted.stderr.decode().strip()}")
-    try:
+    with tmpfs(tmp_path / "cache", "4m") as mount_point:
         yield mount_point
-    finally:
-        subprocess.run(["umount", "-l", str(mount_point)], check=True)
 
 
 @pytest.mark.parametrize("min_free", ["1048576", "25%"])
